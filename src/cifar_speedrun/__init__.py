@@ -1,0 +1,1 @@
+"""cifar_speedrun."""

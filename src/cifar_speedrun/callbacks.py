@@ -1,0 +1,204 @@
+"""Callbacks: honest training time, time-to-target, results.json, and the EMA of the weights."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+import subprocess
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from cifar_speedrun import storage
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainTimer(Callback):
+    """Training wall time with evaluation excluded, read only after the device has finished.
+
+    The clock runs from each training epoch's start to the start of its evaluation (or the epoch's
+    end), with a device synchronize at both ends: CUDA kernels run asynchronously, so without it the
+    clock would stop before the work does. After each evaluation it records the test accuracy and the
+    cumulative training seconds, and the first time the accuracy reaches `target_acc`.
+    """
+
+    def __init__(self, target_acc: float = 0.94, monitor: str = "test/acc") -> None:
+        self.target_acc = float(target_acc)
+        self.monitor = monitor
+        self.train_seconds = 0.0
+        self.history: list[dict[str, float]] = []
+        self.time_to_target: float | None = None
+        self.epoch_to_target: int | None = None
+        self.epochs_completed = 0
+        self._started: float | None = None
+
+    def _start(self, module: L.LightningModule) -> None:
+        _synchronize(module.device)
+        self._started = time.perf_counter()
+
+    def _stop(self, module: L.LightningModule) -> None:
+        if self._started is not None:
+            _synchronize(module.device)
+            self.train_seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._add_train_metrics(trainer)
+        self._start(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._add_train_metrics(trainer)
+
+    def _add_train_metrics(self, trainer: L.Trainer) -> None:
+        # Lightning computes an epoch's train metrics after its evaluation and after the epoch-end
+        # hooks, so they are filled into that epoch's entry when the next epoch (or training) starts.
+        if self.history and "train_loss" not in self.history[-1]:
+            for key in ("train/loss", "train/acc"):
+                if key in trainer.callback_metrics:
+                    self.history[-1][key.replace("/", "_")] = float(trainer.callback_metrics[key])
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)
+        self.epochs_completed += 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        accuracy = float(trainer.callback_metrics[self.monitor])
+        entry = {"epoch": trainer.current_epoch + 1, "test_acc": accuracy, "train_seconds": self.train_seconds}
+        if "test/loss" in trainer.callback_metrics:
+            entry["test_loss"] = float(trainer.callback_metrics["test/loss"])
+        self.history.append(entry)
+        if self.time_to_target is None and accuracy >= self.target_acc:
+            self.time_to_target = self.train_seconds
+            self.epoch_to_target = trainer.current_epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds, "history": self.history,
+                "time_to_target": self.time_to_target, "epoch_to_target": self.epoch_to_target,
+                "epochs_completed": self.epochs_completed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_seconds = state_dict["train_seconds"]
+        self.history = list(state_dict["history"])
+        self.time_to_target = state_dict["time_to_target"]
+        self.epoch_to_target = state_dict["epoch_to_target"]
+        self.epochs_completed = state_dict.get("epochs_completed", len(self.history))
+
+
+def git_commit(directory: str | os.PathLike[str]) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class ResultsWriter(Callback):
+    """Writes `results.json` in the run's output dir, when the run ends or fails.
+
+    The file is rewritten atomically after every evaluation too, so a run that dies (or is killed)
+    still leaves the epochs it finished. Only global rank 0 writes.
+    """
+
+    def __init__(self, output_dir: str, filename: str = "results.json", root_dir: str = ".") -> None:
+        self.path = storage.join(output_dir, filename)
+        self.root_dir = root_dir
+        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self._commit: str | None = None
+
+    def _timer(self, trainer: L.Trainer) -> TrainTimer | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, TrainTimer)), None)
+
+    def record(self, trainer: L.Trainer, module: L.LightningModule, status: str,
+               error: str | None = None) -> dict[str, Any]:
+        timer = self._timer(trainer)
+        history = timer.history if timer else []
+        run_config = dict(getattr(module, "hparams", {}).get("run_config") or {})
+        if self._commit is None:
+            self._commit = git_commit(self.root_dir) or "unknown"
+        result = {
+            "status": status,
+            "error": error,
+            "test_acc": history[-1]["test_acc"] if history else None,
+            "train_seconds": timer.train_seconds if timer else None,
+            "epochs": timer.epochs_completed if timer else None,
+            "max_epochs": trainer.max_epochs,
+            "target_acc": timer.target_acc if timer else None,
+            "time_to_target": timer.time_to_target if timer else None,
+            "epoch_to_target": timer.epoch_to_target if timer else None,
+            "history": history,
+            "seed": run_config.get("seed"),
+            "tricks": run_config.get("tricks", []),
+            "overrides": run_config.get("overrides", ""),
+            "effective_optim": getattr(module, "effective", None),
+            "data_source": run_config.get("data_source"),
+            "device": device_name(module.device),
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+            "versions": {"torch": torch.__version__, "lightning": L.__version__,
+                         "python": platform.python_version()},
+            "git_commit": self._commit,
+            "host": socket.gethostname(),
+            "started_at": self.started_at,
+            "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": run_config.get("config"),
+        }
+        if trainer.is_global_zero:
+            storage.write_json_atomic(result, self.path)
+        return result
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.record(trainer, pl_module, "running")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record(trainer, pl_module, "ok")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        line = str(exception).strip().splitlines()[0] if str(exception).strip() else ""
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.record(trainer, pl_module, status, f"{type(exception).__name__}: {line}")
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights, evaluated in place of the raw weights (Page part 8).
+
+    Built on Lightning's WeightAveraging (torch AveragedModel underneath): every `every_n_steps`
+    optimizer steps, average <- decay * average + (1 - decay) * current, using one foreach kernel.
+    With `use_buffers` (default) the BN running statistics are averaged the same way, so the averaged
+    network is evaluated with statistics that match its averaged weights. Each evaluation swaps the
+    averaged weights in and back out; at the end of training they are copied into the model, so the
+    final test accuracy and any saved model are the EMA's.
+    """
+
+    def __init__(self, decay: float = 0.99, every_n_steps: int = 5, use_buffers: bool = True) -> None:
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = float(decay)
+        self.every_n_steps = int(every_n_steps)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and (step_idx + 1) % self.every_n_steps == 0
+

@@ -1,0 +1,143 @@
+"""Config plumbing: where conf/ is, resolvers, and the checks that refuse a bad run before it starts.
+
+The checks turn mistakes into one line naming the fix (`UserError`), before any data is loaded or
+any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cifar_speedrun.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
+CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
+                    "experiment", "sweep")
+
+
+def available_options(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+_GROUP_OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<group>[a-z_]+)=(?P<value>.*)$")
+
+
+def check_group_overrides(args: list[str]) -> None:
+    """Unknown group options (trick=labl_smoothing) get one line listing what exists.
+
+    Hydra's own message spans several lines and ends in a hint about HYDRA_FULL_ERROR; for the
+    commonest mistake, a typo in a trick or experiment name, we answer first and more briefly.
+    Sweep values (a,b or [a,b],[c]) and list values are split and each name checked.
+    """
+    for arg in args:
+        match = _GROUP_OVERRIDE.match(arg)
+        if not match or match["group"] not in CHOOSABLE_GROUPS or match["prefix"] == "~":
+            continue
+        group, value = match["group"], match["value"].strip()
+        if value.startswith(("choice(", "range(", "glob(", "interval(")):
+            continue
+        options = available_options(group)
+        names = [name.strip().strip("'\"") for name in re.split(r"[\[\],]", value)]
+        for name in names:
+            if name and name != "null" and name not in options:
+                raise UserError(f"unknown {group} {name!r}; available: {', '.join(options)}")
+
+
+def tricks_of(choices: Any) -> list[str]:
+    """The trick list from Hydra's runtime choices (a list, a 'a,b' string, or nothing)."""
+    if choices is None:
+        return []
+    if isinstance(choices, (list, tuple, ListConfig)):
+        return [str(c) for c in choices]
+    text = str(choices).strip("[]")
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("tricks_as_tags"):
+        def tricks_as_tags(_root_: DictConfig) -> list[str]:
+            try:
+                from hydra.core.hydra_config import HydraConfig
+
+                return tricks_of(HydraConfig.get().runtime.choices.get("trick")) or ["no-tricks"]
+            except ValueError:  # no Hydra context (tests composing configs)
+                return []
+
+        OmegaConf.register_new_resolver("tricks_as_tags", tricks_as_tags)
+
+
+def _positive_int(cfg: DictConfig, key: str, hint: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{key}={value!r} must be a positive integer; {hint}")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse impossible settings and combinations before anything is built."""
+    batch = _positive_int(cfg, "data.batch_size", "Page uses data.batch_size=512")
+    _positive_int(cfg, "data.eval_batch_size", "e.g. data.eval_batch_size=1000")
+    epochs = _positive_int(cfg, "epochs", "e.g. epochs=24 (Page's baseline) or epochs=10 (his final)")
+    width = cfg.model.get("width")
+    if not isinstance(width, (int, float)) or isinstance(width, bool) or width <= 0:
+        raise UserError(f"model.width={width!r} must be a number > 0 (1.0 is DavidNet; 0.25 for CPU runs)")
+    for key in ("optim.lr", "optim.weight_decay"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{key}={value!r} must be a number >= 0")
+    momentum = cfg.optim.momentum
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise UserError(f"optim.momentum={momentum!r} must be in [0, 1); Page uses 0.9")
+    schedule_epochs = list(cfg.optim.schedule.epochs)
+    schedule_factors = list(cfg.optim.schedule.factors)
+    from cifar_speedrun.module import check_schedule
+
+    check_schedule(schedule_epochs, schedule_factors)
+    if schedule_epochs[-1] > epochs:
+        raise UserError(
+            f"optim.schedule.epochs ends at {schedule_epochs[-1]} but the run has epochs={epochs}: the "
+            f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or shorten the schedule"
+        )
+    label_smoothing = cfg.loss.label_smoothing
+    if not 0 <= label_smoothing < 1:
+        raise UserError(f"loss.label_smoothing={label_smoothing} must be in [0, 1); Page uses 0.2")
+    devices = cfg.trainer.get("devices", 1)
+    world = devices if isinstance(devices, int) and devices > 0 else 1
+    num_nodes = cfg.trainer.get("num_nodes", 1) or 1
+    world *= num_nodes
+    if batch % world:
+        raise UserError(f"data.batch_size={batch} is not divisible by the {world} devices: use a multiple of {world}")
+    norm = cfg.model.norm
+    if norm.kind == "ghost":
+        splits = norm.ghost_splits
+        per_rank = batch // world
+        if not isinstance(splits, int) or splits <= 0 or per_rank % splits:
+            raise UserError(
+                f"ghost_bn splits each batch into model.norm.ghost_splits={splits}, but the per-device batch is "
+                f"{per_rank}: use a batch size divisible by {splits} (Page: 512 = 16 x 32)"
+            )
+    if cfg.data.source == "image_folder" and not cfg.data.path:
+        raise UserError(
+            "data.source=image_folder needs data.path=/path/to/cifar10.tar.gz (or export CIFAR10_ARCHIVE)"
+        )
+    if cfg.data.source not in ("torchvision", "image_folder"):
+        raise UserError(f"data.source={cfg.data.source!r} is not known; use torchvision or image_folder")
+    subset = cfg.data.subset
+    if subset is not None and (not isinstance(subset, int) or subset <= 0):
+        raise UserError(f"data.subset={subset!r} must be a positive number of images (or null for all)")
+    if subset is not None and subset < batch:
+        raise UserError(
+            f"data.subset={subset} is smaller than data.batch_size={batch}: no full batch to train on; "
+            "lower data.batch_size or raise data.subset"
+        )
+
+
+def expand(path: str) -> str:
+    return os.path.expanduser(path)

@@ -1,0 +1,11 @@
+"""One exception type for mistakes a user can fix.
+
+Anything raised as `UserError` is printed as a single line (no traceback) by the entry point,
+because the user needs the fix, not our call stack. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's config, data or environment, with the fix in its message."""

@@ -1,0 +1,255 @@
+"""DavidNet (Page's ResNet-9, "How to train your ResNet" part 4), built from config.
+
+    prep    conv 3->64
+    layer1  conv 64->128, max-pool 2, residual(conv 128->128, conv 128->128)
+    layer2  conv 128->256, max-pool 2
+    layer3  conv 256->512, max-pool 2, residual(conv 512->512, conv 512->512)
+    head    global max-pool, linear 512->10 (no bias), logits * 0.125
+
+Every conv is 3x3, stride 1, pad 1, no bias, followed by a norm and an activation. The knobs that
+Page's tricks turn are arguments: `activation` (relu / celu), `norm` (batch / ghost, scale frozen or
+learned, computed in fp32), `pool_before_norm` (part 8: conv -> pool -> norm -> act, so the norm
+and activation run on a quarter of the pixels), and `whitening` (a frozen PCA-whitening conv on
+3x3 patches in front of the prep layer).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_speedrun.errors import UserError
+
+# Page part 4, final DavidNet: channel widths of prep, layer1, layer2, layer3.
+BASE_CHANNELS = (64, 128, 256, 512)
+# Page part 4: "the final ... multiplied by 0.125" (cifar10-fast: Mul(weight=0.125) before the loss).
+LOGIT_SCALE = 0.125
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with a settable initial/frozen scale and an optional fp32 computation.
+
+    `freeze_scale` keeps the scale (weight) at `scale_init` and out of the optimizer: Page part 8
+    ("frozen batch norm scales"). `float32` runs the normalization in fp32 even inside autocast:
+    Page part 3 found fp16 batch norm falls onto a slow cuDNN path.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, scale_init: float = 1.0,
+                 freeze_scale: bool = False, float32: bool = False) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        nn.init.constant_(self.weight, scale_init)
+        self.weight.requires_grad_(not freeze_scale)
+        self.float32 = float32
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float32 and x.dtype != torch.float32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.normalize(x.float()).to(x.dtype)
+        return self.normalize(x)
+
+
+class GhostBatchNorm(BatchNorm):
+    """Batch norm whose training statistics come from `splits` sub-batches (Hoffer et al. 2017).
+
+    Page part 8 uses 16 splits of a 512 batch (32 images each): noisier statistics regularize.
+    Vectorized with one `F.batch_norm` call: the (N, C, H, W) batch viewed as (N/s, s*C, H, W) puts
+    image i of every group of s consecutive images into its own block of C channels, so split k is
+    the images k, k+s, k+2s, ... (the batch order is a random permutation, so this is as good as
+    contiguous chunks, and the view costs no copy). The running statistics are kept per split in
+    training; at eval they are combined into the statistics of the whole batch (mean of the means,
+    and by the law of total variance, mean of the variances plus the variance of the means).
+    """
+
+    def __init__(self, num_features: int, splits: int = 16, **kwargs: Any) -> None:
+        super().__init__(num_features, **kwargs)
+        self.splits = int(splits)
+        self.register_buffer("split_running_mean", torch.zeros(num_features * self.splits))
+        self.register_buffer("split_running_var", torch.ones(num_features * self.splits))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if self.training:
+            if n % self.splits:
+                raise UserError(
+                    f"ghost batch norm with {self.splits} splits got a batch of {n}: use a batch size "
+                    f"divisible by {self.splits} (model.norm.ghost_splits)"
+                )
+            grouped = x.reshape(n // self.splits, c * self.splits, h, w)
+            out = F.batch_norm(
+                grouped, self.split_running_mean, self.split_running_var,
+                self.weight.repeat(self.splits), self.bias.repeat(self.splits),
+                True, self.momentum, self.eps,
+            )
+            with torch.no_grad():
+                means = self.split_running_mean.view(self.splits, c)
+                variances = self.split_running_var.view(self.splits, c)
+                self.running_mean.copy_(means.mean(0))
+                self.running_var.copy_(variances.mean(0) + means.var(0, unbiased=False))
+            return out.view(n, c, h, w)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class PatchWhitening(nn.Module):
+    """A frozen 3x3 conv whose filters PCA-whiten the training set's 3x3 patches (Page part 8).
+
+    `fit_to_data` takes the 3x3x3 patches of the first `max_images` standardized training images
+    (Page: 10,000), forms their second-moment matrix Σ (27x27; Page does not subtract the mean, the
+    images are already standardized), and sets the 27 filters to Σ's eigenvectors scaled by
+    1/sqrt(eigenvalue + eps) (Page: eps = 1e-2). The filtered patches then have covariance
+    Λ/(Λ + eps) ≈ I: decorrelated, unit variance. Computed once, on the device, before training.
+    """
+
+    def __init__(self, kernel_size: int = 3, eps: float = 1e-2, padding: int = 1, max_images: int = 10_000,
+                 centered: bool = False) -> None:
+        super().__init__()
+        self.kernel_size, self.eps, self.padding = kernel_size, eps, padding
+        self.max_images, self.centered = max_images, centered
+        channels = 3 * kernel_size * kernel_size
+        self.out_channels = channels
+        self.register_buffer("weight", torch.eye(channels).view(channels, 3, kernel_size, kernel_size))
+
+    @staticmethod
+    def patches(images: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """All kernel_size x kernel_size patches, flattened in conv-weight order: (num_patches, 3*k*k)."""
+        cols = F.unfold(images.float(), kernel_size)  # (N, 3*k*k, L), channel-major like conv weights
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    @torch.no_grad()
+    def fit_to_data(self, images: torch.Tensor) -> None:
+        patches = self.patches(images[: self.max_images], self.kernel_size).double()
+        if self.centered:
+            patches = patches - patches.mean(dim=0, keepdim=True)
+        moment = patches.T @ patches / (len(patches) - 1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+        filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + self.eps)[:, None]
+        self.weight.copy_(filters.view_as(self.weight).to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype), padding=self.padding)
+
+
+def _activation(name: str, celu_alpha: float) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "celu":
+        return nn.CELU(alpha=celu_alpha)
+    raise UserError(f"model.activation={name!r} is not known; use relu or celu")
+
+
+class ConvBlock(nn.Sequential):
+    """conv -> norm -> act (-> pool), or conv -> pool -> norm -> act when `pool_before_norm`."""
+
+    def __init__(self, c_in: int, c_out: int, pool: bool, make_norm: Any, make_act: Any,
+                 pool_before_norm: bool, kernel_size: int = 3) -> None:
+        conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
+        layers: list[tuple[str, nn.Module]] = [("conv", conv)]
+        if pool and pool_before_norm:
+            layers.append(("pool", nn.MaxPool2d(2)))
+        layers += [("norm", make_norm(c_out)), ("act", make_act())]
+        if pool and not pool_before_norm:
+            layers.append(("pool", nn.MaxPool2d(2)))
+        super().__init__(OrderedDict(layers))
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def scaled_channels(width: float) -> tuple[int, ...]:
+    if not width or width <= 0:
+        raise UserError(f"model.width={width} must be > 0 (1.0 is DavidNet; 0.25 for CPU runs)")
+    return tuple(max(1, round(c * width)) for c in BASE_CHANNELS)
+
+
+class DavidNet(nn.Sequential):
+    """Page's ResNet-9. Arguments mirror conf/model/davidnet.yaml."""
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        num_classes: int = 10,
+        activation: str = "relu",
+        celu_alpha: float = 0.075,
+        norm: dict[str, Any] | None = None,
+        pool_before_norm: bool = False,
+        whitening: dict[str, Any] | None = None,
+        logit_scale: float = LOGIT_SCALE,
+    ) -> None:
+        norm = dict(norm or {})
+        kind = norm.pop("kind", "batch")
+        splits = norm.pop("ghost_splits", 16)
+        norm_kwargs = {
+            "eps": float(norm.pop("eps", 1e-5)),
+            "momentum": float(norm.pop("momentum", 0.1)),
+            "scale_init": float(norm.pop("scale_init", 1.0)),
+            "freeze_scale": bool(norm.pop("freeze_scale", False)),
+            "float32": bool(norm.pop("float32", False)),
+        }
+        if norm:
+            raise UserError(f"model.norm has unknown keys {sorted(norm)}; known: kind, ghost_splits, eps, "
+                            "momentum, scale_init, freeze_scale, float32")
+        if kind == "batch":
+            def make_norm(c: int) -> nn.Module:
+                return BatchNorm(c, **norm_kwargs)
+        elif kind == "ghost":
+            def make_norm(c: int) -> nn.Module:
+                return GhostBatchNorm(c, splits=splits, **norm_kwargs)
+        else:
+            raise UserError(f"model.norm.kind={kind!r} is not known; use batch or ghost")
+        _activation(activation, celu_alpha)  # validate early
+
+        def make_act() -> nn.Module:
+            return _activation(activation, celu_alpha)
+
+        c_prep, c1, c2, c3 = scaled_channels(width)
+
+        def block(c_in: int, c_out: int, pool: bool = False, kernel_size: int = 3) -> ConvBlock:
+            return ConvBlock(c_in, c_out, pool, make_norm, make_act, pool_before_norm, kernel_size)
+
+        whitening = dict(whitening or {})
+        if whitening.get("enabled", False):
+            white = PatchWhitening(int(whitening.get("kernel_size", 3)), float(whitening.get("eps", 1e-2)),
+                                   int(whitening.get("padding", 1)), int(whitening.get("max_images", 10_000)),
+                                   bool(whitening.get("centered", False)))
+            # Page part 8: the whitened 27 channels feed a learned 1x1 conv to the prep width.
+            prep: nn.Module = nn.Sequential(OrderedDict(whiten=white, block=block(white.out_channels, c_prep,
+                                                                            kernel_size=1)))
+        else:
+            prep = block(3, c_prep)
+        super().__init__(OrderedDict(
+            prep=prep,
+            layer1=nn.Sequential(OrderedDict(block=block(c_prep, c1, pool=True),
+                                      residual=Residual(nn.Sequential(block(c1, c1), block(c1, c1))))),
+            layer2=block(c1, c2, pool=True),
+            layer3=nn.Sequential(OrderedDict(block=block(c2, c3, pool=True),
+                                      residual=Residual(nn.Sequential(block(c3, c3), block(c3, c3))))),
+            pool=nn.AdaptiveMaxPool2d(1),
+            flatten=nn.Flatten(),
+            linear=nn.Linear(c3, num_classes, bias=False),
+            scale=Scale(logit_scale),
+        ))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,253 @@
+"""The training recipe as a LightningModule: loss, SGD + piecewise-linear LR, metrics, TTA.
+
+Loss scaling (Page part 1 / cifar10-fast): Page sums the loss over the batch and divides the learning
+rate by the batch size N (lr = 0.4/512, weight decay = 5e-4 * 512). We take the mean loss instead and
+use lr = 0.4, weight decay = 5e-4. The SGD update is identical:
+
+    Page:  (λ/N) * (Σ_i g_i + (α N) w)  =  λ * (mean_i g_i + α w)  :  ours
+
+(momentum is linear in the gradient, so the equality holds step by step). The mean keeps the logged
+loss per example and lets `label_smoothing` and friends use PyTorch's standard losses unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from cifar_speedrun.errors import UserError
+
+
+class PiecewiseLinear:
+    """LR multiplier as a function of the optimizer step: linear between (epoch, value) points.
+
+    A class, not a lambda, so LambdaLR can save it in checkpoints. Step k (0-based) is the k-th
+    optimizer update; it uses the schedule at the end of that step, (k + 1) / steps_per_epoch epochs,
+    so the first update is not wasted at lr 0 and the last one lands exactly on the final point.
+    Outside the points the value is held (np.interp), as in cifar10-fast's PiecewiseLinear.
+    """
+
+    def __init__(self, epochs: Sequence[float], values: Sequence[float], steps_per_epoch: int) -> None:
+        self.epochs = [float(e) for e in epochs]
+        self.values = [float(v) for v in values]
+        self.steps_per_epoch = int(steps_per_epoch)
+
+    def at_epoch(self, epoch: float) -> float:
+        return float(np.interp(epoch, self.epochs, self.values))
+
+    def __call__(self, step: int) -> float:
+        return self.at_epoch((step + 1) / self.steps_per_epoch)
+
+
+def check_schedule(epochs: Sequence[float], values: Sequence[float]) -> None:
+    if len(epochs) != len(values) or len(epochs) < 2:
+        raise UserError(
+            f"optim.schedule has {len(epochs)} epochs and {len(values)} factors; give two or more "
+            "(epoch, value) points of equal length, e.g. epochs=[0,5,24] factors=[0,1,0]"
+        )
+    if any(b < a for a, b in zip(epochs, epochs[1:], strict=False)):
+        raise UserError(f"optim.schedule.epochs={list(epochs)} are out of order; list them increasing")
+    if any(v < 0 for v in values):
+        raise UserError(f"optim.schedule.factors={list(values)} has a negative learning-rate factor")
+
+
+def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[str, float]:
+    """The learning rate and weight decay to use, in Page's invariant form (part 5).
+
+    With the mean loss, our lr η equals Page's per-example rate λ = η/N times N. Page's argument:
+    what stays optimal is λ (= η/N) when N changes, λ/(1-ρ) when the momentum ρ changes, and λα
+    (= ηα: the weight-decay shrink per step) throughout. With `hold_invariant`, the configured lr and
+    weight decay are taken as tuned at (reference_batch_size, reference_momentum) and rescaled so
+    those three quantities are unchanged at the batch size and momentum in use.
+    """
+    lr, wd, momentum = float(optim["lr"]), float(optim["weight_decay"]), float(optim["momentum"])
+    if optim.get("hold_invariant", False):
+        ref_n, ref_rho = float(optim["reference_batch_size"]), float(optim["reference_momentum"])
+        scaled_lr = lr * (batch_size / ref_n) * ((1.0 - momentum) / (1.0 - ref_rho))
+        wd = wd * lr / scaled_lr  # keep ηα fixed
+        lr = scaled_lr
+    return {
+        "lr": lr,
+        "weight_decay": wd,
+        "momentum": momentum,
+        "batch_size": batch_size,
+        "lr_per_example": lr / batch_size,  # Page's λ/N with his summed loss... per example
+        "lr_per_example_over_1_minus_momentum": lr / batch_size / (1.0 - momentum),
+        "lr_times_weight_decay": lr * wd,
+    }
+
+
+def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,
+               reduce: str = "logits") -> torch.Tensor:
+    """Average of the network's outputs over cheap symmetries of the test image.
+
+    flip: the image and its horizontal mirror (Page part 8). translate: also both of those shifted
+    by one pixel (reflect-padded) up-left and down-right, as airbench's tta level 2. `reduce`
+    chooses what is averaged: raw logits, or log-softmax (Page averages log-probabilities).
+    """
+    views = [images]
+    if flip:
+        views.append(images.flip(-1))
+    if translate:
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        height, width = images.shape[-2:]
+        shifted = [padded[..., 0:height, 0:width], padded[..., 2:height + 2, 2:width + 2]]
+        views.extend(shifted)
+        if flip:
+            views.extend(view.flip(-1) for view in shifted)
+    outputs = [net(view) for view in views]
+    if reduce == "log_softmax":
+        outputs = [F.log_softmax(out.float(), dim=1) for out in outputs]
+    elif reduce != "logits":
+        raise UserError(f"tta.reduce={reduce!r} is not known; use logits or log_softmax")
+    return torch.stack([out.float() for out in outputs]).mean(dim=0)
+
+
+class SpeedrunModule(L.LightningModule):
+    """DavidNet trained with Page's recipe; every knob comes from the config, nothing is trick-specific."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optim: dict[str, Any],
+        batch_size: int,
+        label_smoothing: float = 0.0,
+        tta: dict[str, Any] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        nan_check_every: int = 25,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        check_schedule(optim["schedule"]["epochs"], optim["schedule"]["factors"])
+        self.net = net
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.optim_cfg = dict(optim)
+        self.effective = effective_hyperparameters(self.optim_cfg, batch_size)
+        self.label_smoothing = float(label_smoothing)
+        self.tta = dict(tta or {})
+        self.compile_net = compile
+        self.nan_check_every = max(1, int(nan_check_every))
+        self.train_loss = MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_loss = MeanMetric()
+        # First step whose loss was not finite, tracked on the device so no step waits on the host.
+        self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.schedule: PiecewiseLinear | None = None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.compile_net:
+            self.net.compile()  # in place: parameter names (and checkpoints) stay as without compile
+
+    def on_fit_start(self) -> None:
+        # Layers that are fitted to the data (patch whitening) see the standardized training images.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        images = getattr(datamodule, "train_images", None)
+        for layer in self.net.modules():
+            fit = getattr(layer, "fit_to_data", None)
+            if callable(fit) and images is not None:
+                fit(images)
+
+    # ---------------------------------------------------------------- steps
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self.net(images)
+        loss = self.loss(logits, labels)
+        detached = loss.detach()
+        bad = (~torch.isfinite(detached)) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, torch.tensor(self.global_step, device=self.device),
+                                          self.first_bad_step)
+        if (self.global_step + 1) % self.nan_check_every == 0:
+            self.raise_if_not_finite()
+        self.train_loss.update(detached)
+        self.train_acc.update(logits.detach(), labels)
+        # Metric objects logged on epoch end only: no per-step host sync.
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_not_finite()
+
+    def raise_if_not_finite(self) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            lr = self.learning_rate_at(step)
+            raise FloatingPointError(
+                f"loss became NaN/inf at step {step} (epoch {step // max(1, self.steps_per_epoch)}, "
+                f"lr {lr:.4g}): lower optim.lr or the schedule's peak, or check the data"
+            )
+
+    def learning_rate_at(self, step: int) -> float:
+        if self.schedule is None:
+            return float("nan")
+        return self.effective["lr"] * self.schedule(step)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch if self.schedule is not None else 1
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = tta_logits(self.net, images, bool(self.tta.get("flip", False)),
+                            bool(self.tta.get("translate", False)), str(self.tta.get("reduce", "logits")))
+        self.test_loss.update(F.cross_entropy(logits, labels))
+        self.test_acc.update(logits, labels)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+
+    test_step = validation_step
+
+    # ---------------------------------------------------------------- optimizer
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weights and biases apart: Page trains BN biases with their own lr / weight-decay factors."""
+        lr, wd = self.effective["lr"], self.effective["weight_decay"]
+        weights, biases = [], []
+        for name, param in self.net.named_parameters():
+            if param.requires_grad:
+                (biases if name.endswith("bias") else weights).append(param)
+        lr_factor = float(self.optim_cfg.get("bias_lr_factor", 1.0))
+        wd_factor = float(self.optim_cfg.get("bias_wd_factor", 1.0))
+        groups = [{"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"}]
+        if biases:
+            groups.append({"params": biases, "lr": lr * lr_factor, "weight_decay": wd * wd_factor,
+                           "name": "biases"})
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.optim_cfg
+        device_type = self.device.type if isinstance(self.device, torch.device) else "cpu"
+        # One fused kernel for the whole update on CUDA; foreach (multi-tensor) elsewhere.
+        fused = bool(optim.get("fused", True)) and device_type == "cuda"
+        optimizer = torch.optim.SGD(
+            self.parameter_groups(),
+            momentum=self.effective["momentum"],
+            nesterov=bool(optim.get("nesterov", True)),
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
+        self.schedule = PiecewiseLinear(optim["schedule"]["epochs"], optim["schedule"]["factors"], steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,169 @@
+"""The Hydra entry: compose the config, instantiate everything it names, fit, write results.
+
+Nothing here knows about individual tricks: they are config files that set keys which the data
+module, the model, the LightningModule and the callbacks already understand.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_speedrun import config as config_lib
+from cifar_speedrun.errors import UserError
+from cifar_speedrun.module import SpeedrunModule
+
+
+def _describe_data(cfg: DictConfig) -> str:
+    if cfg.data.source == "torchvision":
+        return "CIFAR-10 official (torchvision)"
+    return f"CIFAR-10 image_folder {os.path.basename(str(cfg.data.path))}"
+
+
+def _hydra_context() -> tuple[list[str], str, bool]:
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return [], "", False
+    tricks = config_lib.tricks_of(hydra_cfg.runtime.choices.get("trick"))
+    overrides = " ".join(hydra_cfg.overrides.task)
+    return tricks, overrides, hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
+    """One line with a measured estimate before a full-width run on a machine without CUDA."""
+    if torch.cuda.is_available() or cfg.trainer.accelerator not in ("auto", "cpu") or cfg.model.width < 0.5:
+        return
+    probe = torch.randn(16, 3, 32, 32)
+    net.train()
+    start = time.perf_counter()
+    net(probe).sum().backward()
+    net.zero_grad(set_to_none=True)
+    per_image = (time.perf_counter() - start) / len(probe)
+    images = (cfg.data.subset or 50_000) * cfg.epochs
+    hours = images * per_image / 3600
+    print(f"[cpu] no CUDA: model.width={cfg.model.width} trains at ~{1 / per_image:.0f} images/s here, so "
+          f"{cfg.epochs} epochs take ~{hours:.1f} h; for a CPU-sized run use experiment=cpu_proxy "
+          "(or model.width=0.25 data.subset=10000 epochs=3)", flush=True)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build from `cfg` and fit. Returns the results dict (also written to results.json)."""
+    config_lib.validate(cfg)
+    tricks, overrides, _ = _hydra_context()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.trainer.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    net: torch.nn.Module = instantiate(cfg.model)
+    _warn_if_full_width_on_cpu(cfg, net)
+    run_config = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "seed": int(cfg.seed),
+        "tricks": tricks,
+        "overrides": overrides,
+        "data_source": _describe_data(cfg),
+    }
+    module = SpeedrunModule(
+        net=net,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        batch_size=int(cfg.data.batch_size),
+        label_smoothing=float(cfg.loss.label_smoothing),
+        tta=OmegaConf.to_container(cfg.tta, resolve=True),
+        compile=bool(cfg.compile),
+        channels_last=bool(cfg.channels_last),
+        nan_check_every=int(cfg.nan_check_every),
+        run_config=run_config,
+    )
+    eff = module.effective
+    print(f"[optim] lr {eff['lr']:.4g}, weight decay {eff['weight_decay']:.4g}, momentum {eff['momentum']}, "
+          f"batch {eff['batch_size']} (λ/N {eff['lr_per_example']:.4g}, "
+          f"λ/N/(1-ρ) {eff['lr_per_example_over_1_minus_momentum']:.4g}, λα {eff['lr_times_weight_decay']:.4g})"
+          f"; tricks: {', '.join(tricks) or 'none'}; data: {run_config['data_source']}", flush=True)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    ckpt_path = cfg.get("ckpt_path")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_loggers(loggers)
+    writer = next(cb for cb in callbacks if type(cb).__name__ == "ResultsWriter")
+    return writer.record(trainer, module, "ok")
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """Hydra's instantiate wraps exceptions; find a UserError anywhere in the cause chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_lib.CONF_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """One job. In a multirun a failed job is recorded and the sweep goes on; alone, it exits non-zero."""
+    _, _, multirun = _hydra_context()
+    try:
+        result = train(cfg)
+        return result.get("test_acc")
+    except Exception as error:
+        user_error = _user_error_in(error)
+        if user_error is not None:
+            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            if not multirun:
+                raise SystemExit(2) from None
+            return None
+        # Training failed (NaN loss, OOM, ...): results.json already says so.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("CIFAR_SPEEDRUN_DEBUG") == "1":
+            raise
+        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: run failed: {type(error).__name__}: {line} (results.json has status 'failed'; "
+              "HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        if not multirun:
+            raise SystemExit(1) from None
+    finally:
+        _release_memory()
+    return None
+
+
+def main() -> None:
+    """Console entry: quick checks of the command line, then Hydra."""
+    config_lib.register_resolvers()
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        config_lib.check_group_overrides(sys.argv[1:])
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    hydra_main()
