@@ -186,19 +186,22 @@ class ResultsWriter(Callback):
 class EMA(WeightAveraging):
     """Exponential moving average of the weights, evaluated in place of the raw weights (Page part 8).
 
-    Built on Lightning's WeightAveraging (torch AveragedModel underneath): every `every_n_steps`
-    optimizer steps, average <- decay * average + (1 - decay) * current, using one foreach kernel.
-    With `use_buffers` (default) the BN running statistics are averaged the same way, so the averaged
-    network is evaluated with statistics that match its averaged weights. Each evaluation swaps the
+    Built on Lightning's WeightAveraging (torch AveragedModel underneath). Page's EMA has momentum
+    0.99 per batch but updates only every 5 batches, so each update uses decay = 0.99**5
+    (cifar10-fast update_ema: rho = momentum**update_freq): average <- decay * average + (1 - decay) *
+    current, in one foreach kernel. The first update copies the weights (Page starts from a copy of
+    the initial weights; after a few updates the difference is gone). With `use_buffers` (default) the
+    BN running statistics are averaged the same way, as Page averages the whole state_dict, so the
+    averaged network is evaluated with statistics that match its weights. Each evaluation swaps the
     averaged weights in and back out; at the end of training they are copied into the model, so the
     final test accuracy and any saved model are the EMA's.
     """
 
-    def __init__(self, decay: float = 0.99, every_n_steps: int = 5, use_buffers: bool = True) -> None:
-        super().__init__(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay = float(decay)
+    def __init__(self, momentum: float = 0.99, every_n_steps: int = 5, use_buffers: bool = True) -> None:
+        self.momentum = float(momentum)
         self.every_n_steps = int(every_n_steps)
+        self.decay = self.momentum**self.every_n_steps
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(self.decay))
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.every_n_steps == 0
-

@@ -9,21 +9,22 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
 CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
-                    "experiment", "sweep")
+                    "experiment", "stage", "sweep")
 
 
 def available_options(group: str) -> list[str]:
     folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
 
 
 _GROUP_OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<group>[a-z_]+)=(?P<value>.*)$")
@@ -50,27 +51,17 @@ def check_group_overrides(args: list[str]) -> None:
                 raise UserError(f"unknown {group} {name!r}; available: {', '.join(options)}")
 
 
-def tricks_of(choices: Any) -> list[str]:
-    """The trick list from Hydra's runtime choices (a list, a 'a,b' string, or nothing)."""
-    if choices is None:
-        return []
-    if isinstance(choices, (list, tuple, ListConfig)):
-        return [str(c) for c in choices]
-    text = str(choices).strip("[]")
-    return [part.strip() for part in text.split(",") if part.strip()]
+def auto_mixed_precision(accelerator: str) -> str:
+    """fp16 autocast (with a GradScaler) on CUDA, where tensor cores make it pay; bf16 on the CPU."""
+    import torch
+
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "16-mixed" if on_cuda else "bf16-mixed"
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("tricks_as_tags"):
-        def tricks_as_tags(_root_: DictConfig) -> list[str]:
-            try:
-                from hydra.core.hydra_config import HydraConfig
-
-                return tricks_of(HydraConfig.get().runtime.choices.get("trick")) or ["no-tricks"]
-            except ValueError:  # no Hydra context (tests composing configs)
-                return []
-
-        OmegaConf.register_new_resolver("tricks_as_tags", tricks_as_tags)
+    if not OmegaConf.has_resolver("auto_mixed_precision"):
+        OmegaConf.register_new_resolver("auto_mixed_precision", auto_mixed_precision)
 
 
 def _positive_int(cfg: DictConfig, key: str, hint: str) -> int:

@@ -31,14 +31,13 @@ def _describe_data(cfg: DictConfig) -> str:
     return f"CIFAR-10 image_folder {os.path.basename(str(cfg.data.path))}"
 
 
-def _hydra_context() -> tuple[list[str], str, bool]:
+def _hydra_context() -> tuple[str, bool]:
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:
-        return [], "", False
-    tricks = config_lib.tricks_of(hydra_cfg.runtime.choices.get("trick"))
+        return "", False
     overrides = " ".join(hydra_cfg.overrides.task)
-    return tricks, overrides, hydra_cfg.mode == RunMode.MULTIRUN
+    return overrides, hydra_cfg.mode == RunMode.MULTIRUN
 
 
 def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
@@ -61,7 +60,8 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit. Returns the results dict (also written to results.json)."""
     config_lib.validate(cfg)
-    tricks, overrides, _ = _hydra_context()
+    overrides, _ = _hydra_context()
+    tricks = list(cfg.get("applied_tricks") or {})
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -130,7 +130,7 @@ def _release_memory() -> None:
 @hydra.main(version_base="1.3", config_path=str(config_lib.CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """One job. In a multirun a failed job is recorded and the sweep goes on; alone, it exits non-zero."""
-    _, _, multirun = _hydra_context()
+    _, multirun = _hydra_context()
     try:
         result = train(cfg)
         return result.get("test_acc")
