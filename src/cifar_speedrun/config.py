@@ -59,7 +59,36 @@ def auto_mixed_precision(accelerator: str) -> str:
     return "16-mixed" if on_cuda else "bf16-mixed"
 
 
+def wandb_group(task_name: str) -> str | None:
+    """Runs of one multirun share a W&B group: '<task>-<sweep option>-<sweep dir name (its time)>'."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    sweep = hydra_cfg.runtime.choices.get("sweep") or "multirun"
+    return f"{task_name}-{sweep}-{Path(str(hydra_cfg.sweep.dir)).name}"
+
+
+def job_name(task_name: str) -> str:
+    """W&B run name: the job's overrides (hydra.job.override_dirname), or the task name alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        job = HydraConfig.get().job
+    except ValueError:
+        return task_name
+    return f"{job.num}:{job.override_dirname}" if job.override_dirname else task_name
+
+
 def register_resolvers() -> None:
+    for name, function in (("wandb_group", wandb_group), ("job_name", job_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
     if not OmegaConf.has_resolver("auto_mixed_precision"):
         OmegaConf.register_new_resolver("auto_mixed_precision", auto_mixed_precision)
 

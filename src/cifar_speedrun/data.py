@@ -474,9 +474,12 @@ class Cifar10DataModule(L.LightningDataModule):
         self.train_images: torch.Tensor | None = None  # standardized, unpadded: for whitening etc.
         self._train_batches: AugmentedBatches | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._uint8: Cifar10Uint8 | None = None
 
     def load_uint8(self) -> Cifar10Uint8:
-        return load_cifar10_uint8(self.source, self.root, self.path, self.cache_dir)
+        if self._uint8 is None:
+            self._uint8 = load_cifar10_uint8(self.source, self.root, self.path, self.cache_dir)
+        return self._uint8
 
     def prepare_data(self) -> None:
         self.load_uint8()  # builds the cache once, on one process
@@ -489,6 +492,7 @@ class Cifar10DataModule(L.LightningDataModule):
         if self._train_batches is not None:
             return
         data = self.load_uint8()
+        self._uint8 = None  # the host copy is not needed once the tensors are on the device
         train_x, train_y = data.train_x, data.train_y
         if self.subset:
             index = select_subset(train_y, int(self.subset), self.subset_mode, self.seed)

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
+from cifar_speedrun import storage
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.module import SpeedrunModule
 
@@ -97,10 +98,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = cfg.get("ckpt_path")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        writer = next(cb for cb in callbacks if type(cb).__name__ == "ResultsWriter")
+        result = writer.record(trainer, module, "ok")
+        final = {f"final/{key}": float(result[key]) for key in ("test_acc", "train_seconds", "time_to_target")
+                 if result.get(key) is not None}
+        for logger in loggers:
+            logger.log_metrics(final, step=trainer.global_step)
+        return result
     finally:
         _finish_loggers(loggers)
-    writer = next(cb for cb in callbacks if type(cb).__name__ == "ResultsWriter")
-    return writer.record(trainer, module, "ok")
+
+
+def _record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """A job that failed before or outside training still leaves a results.json saying why.
+
+    A results.json already written by the ResultsWriter (with the epochs that finished) is kept.
+    """
+    try:
+        path = storage.join(str(cfg.paths.output_dir), "results.json")
+        if storage.exists(path) and storage.read_json(path).get("status") == "failed":
+            return
+        overrides, _ = _hydra_context()
+        line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        storage.write_json_atomic({
+            "status": "failed", "error": f"{type(error).__name__}: {line}", "test_acc": None,
+            "train_seconds": None, "time_to_target": None, "history": [], "seed": cfg.get("seed"),
+            "tricks": list(cfg.get("applied_tricks") or {}), "overrides": overrides,
+        }, path)
+    except Exception as secondary:  # never mask the original error
+        print(f"warning: could not write results.json ({secondary})", file=sys.stderr)
 
 
 def _finish_loggers(loggers: list[Any]) -> None:
@@ -135,6 +161,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         result = train(cfg)
         return result.get("test_acc")
     except Exception as error:
+        _record_failure(cfg, error)
         user_error = _user_error_in(error)
         if user_error is not None:
             print(f"error: {user_error}", file=sys.stderr, flush=True)

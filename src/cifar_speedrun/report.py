@@ -1,0 +1,295 @@
+"""Multirun directory -> a table of mean ± 95% CI over seeds, a time-vs-accuracy plot, Welch's t-test.
+
+    python -m cifar_speedrun.report logs/train/multiruns/<time> [--compare A B] [--wandb]
+
+Page's warning (part 8): one run's test accuracy has sd ≈ 0.15%, larger than most single tricks'
+effect, so a comparison means nothing without the spread over seeds. Runs are grouped by their
+configuration (every override except the seed), in the order the sweep launched them; failed runs
+are counted and listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+SEED_OVERRIDE = re.compile(r"^seed=")
+
+
+@dataclass
+class Run:
+    path: Path
+    job: int
+    status: str
+    config_key: str
+    test_acc: float | None
+    train_seconds: float | None
+    time_to_target: float | None
+    target_acc: float | None
+    seed: Any
+    error: str | None
+
+
+@dataclass
+class Row:
+    config: str
+    runs: list[Run] = field(default_factory=list)
+    failed: list[Run] = field(default_factory=list)
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [r.test_acc for r in self.runs if r.test_acc is not None]
+
+    @property
+    def n(self) -> int:
+        return len(self.accuracies)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies) if self.accuracies else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.accuracies) if self.n > 1 else math.nan
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the mean (Student t, n - 1 dof)."""
+        return confidence_half_width(self.accuracies)
+
+    @property
+    def fraction_reaching_target(self) -> float:
+        if not self.runs:
+            return math.nan
+        return sum(1 for r in self.runs if r.time_to_target is not None) / len(self.runs)
+
+    @property
+    def median_train_seconds(self) -> float:
+        times = [r.train_seconds for r in self.runs if r.train_seconds is not None]
+        return statistics.median(times) if times else math.nan
+
+    @property
+    def median_time_to_target(self) -> float:
+        """Median over runs that reached the target (NaN when none did)."""
+        times = [r.time_to_target for r in self.runs if r.time_to_target is not None]
+        return statistics.median(times) if times else math.nan
+
+
+def confidence_half_width(values: Sequence[float], level: float = 0.95) -> float:
+    if len(values) < 2:
+        return math.nan
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+
+
+def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """(t, degrees of freedom, two-sided p) of Welch's unequal-variance t-test of mean(a) - mean(b)."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Welch's t-test needs at least 2 runs in each configuration")
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    p = 2 * float(stats.t.sf(abs(t), dof))
+    return t, dof, p
+
+
+def _config_key(result: dict[str, Any]) -> str:
+    overrides = str(result.get("overrides") or "").split()
+    kept = [o for o in overrides if not SEED_OVERRIDE.match(o)]
+    return " ".join(kept) or "(defaults)"
+
+
+def _job_number(path: Path, root: Path) -> int:
+    for part in path.relative_to(root).parts:
+        if part.isdigit():
+            return int(part)
+    return 10**9
+
+
+def load_runs(multirun_dir: str | Path) -> list[Run]:
+    root = Path(multirun_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory: pass the multirun dir (logs/train/multiruns/<time>)")
+    runs = []
+    for path in sorted(root.rglob("results.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            runs.append(Run(path, _job_number(path, root), "unreadable", str(path.parent.name), None, None, None,
+                            None, None, f"{type(error).__name__}: {error}"))
+            continue
+        runs.append(Run(
+            path=path, job=_job_number(path, root), status=str(result.get("status")),
+            config_key=_config_key(result), test_acc=result.get("test_acc"),
+            train_seconds=result.get("train_seconds"), time_to_target=result.get("time_to_target"),
+            target_acc=result.get("target_acc"), seed=result.get("seed"), error=result.get("error"),
+        ))
+    return sorted(runs, key=lambda r: (r.job, str(r.path)))
+
+
+def group_runs(runs: list[Run]) -> list[Row]:
+    """One row per configuration, ordered by the first job that ran it (the sweep's order)."""
+    rows: dict[str, Row] = {}
+    for run in runs:
+        row = rows.setdefault(run.config_key, Row(run.config_key))
+        if run.status == "ok" and run.test_acc is not None:
+            row.runs.append(run)
+        else:
+            row.failed.append(run)
+    return list(rows.values())
+
+
+def _short_labels(rows: list[Row]) -> list[str]:
+    """Drop the overrides every row shares, so labels show what differs."""
+    split = [row.config.split() for row in rows]
+    common = set(split[0]).intersection(*split[1:]) if len(split) > 1 else set()
+    return [" ".join(o for o in parts if o not in common) or "(shared settings)" for parts in split]
+
+
+def _pct(value: float, digits: int = 2) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def _secs(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.1f}"
+
+
+COLUMNS = ["configuration", "n", "mean acc %", "std %", "95% CI ± %", "≥ target", "median train s",
+           "median time-to-target s", "failed"]
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    labels = _short_labels(rows)
+    return [[label, str(row.n), _pct(row.mean), _pct(row.std), _pct(row.ci95),
+             "–" if math.isnan(row.fraction_reaching_target) else f"{row.fraction_reaching_target:.0%}",
+             _secs(row.median_train_seconds), _secs(row.median_time_to_target), str(len(row.failed))]
+            for label, row in zip(labels, rows, strict=True)]
+
+
+def markdown(rows: list[Row], runs: list[Run], source: str) -> str:
+    body = table_rows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    common = set(rows[0].config.split()).intersection(*[r.config.split() for r in rows[1:]]) if rows else set()
+    text = [f"# Report: {source}", "", f"{len(runs)} runs, {sum(len(r.runs) for r in rows)} ok, "
+            f"{sum(len(r.failed) for r in rows)} failed. Shared settings: {' '.join(sorted(common)) or '–'}.",
+            "95% CI: Student-t half-width of the mean over seeds; target: results' target_acc.", "", *lines]
+    failed = [run for row in rows for run in row.failed]
+    if failed:
+        text += ["", "## Failed runs", ""]
+        text += [f"- job {run.job} ({run.config_key}, seed {run.seed}): {run.status}: {run.error}" for run in failed]
+    return "\n".join(text) + "\n"
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["configuration", "n", "mean_acc", "std", "ci95", "fraction_reaching_target",
+                         "median_train_seconds", "median_time_to_target", "failed"])
+        for row in rows:
+            writer.writerow([row.config, row.n, row.mean, row.std, row.ci95, row.fraction_reaching_target,
+                             row.median_train_seconds, row.median_time_to_target, len(row.failed)])
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Page's picture: accuracy (mean ± 95% CI) against median training time, one labelled point a config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = _short_labels(rows)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for label, row in zip(labels, rows, strict=True):
+        if row.n == 0:
+            continue
+        error = 0 if math.isnan(row.ci95) else 100 * row.ci95
+        ax.errorbar(row.median_train_seconds, 100 * row.mean, yerr=error, fmt="o", capsize=4)
+        ax.annotate(label if len(label) < 60 else label[:57] + "…", (row.median_train_seconds, 100 * row.mean),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("median training time (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy (%), mean ± 95% CI over seeds")
+    ax.set_title("time vs accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def find_row(rows: list[Row], name: str) -> Row:
+    """A row by 1-based index, exact configuration, or a unique substring of its label."""
+    labels = _short_labels(rows)
+    if name.isdigit() and 1 <= int(name) <= len(rows):
+        return rows[int(name) - 1]
+    matches = [row for row, label in zip(rows, labels, strict=True) if name in (row.config, label)]
+    matches = matches or [row for row, label in zip(rows, labels, strict=True) if name in row.config]
+    if len(matches) != 1:
+        raise ValueError(f"{name!r} matches {len(matches)} configurations; use a row number 1..{len(rows)}")
+    return matches[0]
+
+
+def compare(rows: list[Row], first: str, second: str) -> str:
+    a, b = find_row(rows, first), find_row(rows, second)
+    t, dof, p = welch_t_test(a.accuracies, b.accuracies)
+    return (f"Welch t-test: {a.config} ({_pct(a.mean)}%, n={a.n}) vs {b.config} ({_pct(b.mean)}%, n={b.n}): "
+            f"difference {_pct(a.mean - b.mean)} points, t = {t:.3f}, dof = {dof:.1f}, p = {p:.4g}")
+
+
+def upload_to_wandb(rows: list[Row], source: str, project: str) -> None:
+    import wandb
+
+    run = wandb.init(project=project, job_type="report", name=f"report-{Path(source).name}",
+                     group=Path(source).name)
+    table = wandb.Table(columns=COLUMNS, data=table_rows(rows))
+    run.log({"report": table})
+    run.finish()
+
+
+def report(multirun_dir: str | Path, compare_pair: Sequence[str] | None = None, to_wandb: bool = False,
+           project: str = "cifar-speedrun") -> str:
+    root = Path(multirun_dir)
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no results.json under {root}: is it a multirun dir of this project?")
+    rows = group_runs(runs)
+    text = markdown(rows, runs, str(root))
+    if compare_pair:
+        text += "\n" + compare(rows, *compare_pair) + "\n"
+    (root / "report.md").write_text(text)
+    write_csv(rows, root / "report.csv")
+    if any(row.n for row in rows):
+        plot(rows, root / "report.png")
+    if to_wandb:
+        upload_to_wandb(rows, str(root), project)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("multirun_dir")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="Welch t-test between two rows (row number, or a unique part of the overrides)")
+    parser.add_argument("--wandb", action="store_true", help="upload the table to W&B as a wandb.Table")
+    parser.add_argument("--project", default="cifar-speedrun")
+    args = parser.parse_args(argv)
+    try:
+        print(report(args.multirun_dir, args.compare, args.wandb, args.project), end="")
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
