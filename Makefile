@@ -27,11 +27,11 @@ train: install
 	$(PY) train.py $(ARGS)
 
 test: install-dev
-	$(PY) -m ruff check src tests train.py
+	$(PY) -m ruff check src tests train.py benchmarks
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: install-dev
-	$(PY) -m ruff check src tests train.py
+	$(PY) -m ruff check src tests train.py benchmarks
 
 report: install
 	$(PY) -m cifar_speedrun.report $(DIR) $(REPORT_ARGS)

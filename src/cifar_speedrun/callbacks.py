@@ -53,19 +53,7 @@ class TrainTimer(Callback):
             self._started = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._add_train_metrics(trainer)
         self._start(pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._add_train_metrics(trainer)
-
-    def _add_train_metrics(self, trainer: L.Trainer) -> None:
-        # Lightning computes an epoch's train metrics after its evaluation and after the epoch-end
-        # hooks, so they are filled into that epoch's entry when the next epoch (or training) starts.
-        if self.history and "train_loss" not in self.history[-1]:
-            for key in ("train/loss", "train/acc"):
-                if key in trainer.callback_metrics:
-                    self.history[-1][key.replace("/", "_")] = float(trainer.callback_metrics[key])
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop(pl_module)
@@ -73,6 +61,11 @@ class TrainTimer(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop(pl_module)
         self.epochs_completed += 1
+        # The epoch's train metrics join its history entry now, before the checkpoint is saved
+        # (checkpointing runs after these hooks), so a resumed run's history is complete too.
+        summary = getattr(pl_module, "epoch_train_metrics", None)
+        if callable(summary) and self.history and self.history[-1]["epoch"] == trainer.current_epoch + 1:
+            self.history[-1].update(summary())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -154,6 +147,7 @@ class ResultsWriter(Callback):
             "tricks": run_config.get("tricks", []),
             "overrides": run_config.get("overrides", ""),
             "effective_optim": getattr(module, "effective", None),
+            "warmup_seconds": getattr(module, "warmup_seconds", None),
             "data_source": run_config.get("data_source"),
             "device": device_name(module.device),
             "precision": str(trainer.precision),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,6 +50,55 @@ def check_group_overrides(args: list[str]) -> None:
         for name in names:
             if name and name != "null" and name not in options:
                 raise UserError(f"unknown {group} {name!r}; available: {', '.join(options)}")
+
+
+def _one_line(message: str) -> str:
+    """Hydra/OmegaConf messages span lines (and list full_key/object_type); keep the sentences."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
+    return " ".join(kept).replace("..", ".")
+
+
+def check_composition(args: list[str]) -> None:
+    """Compose the config the first job would get, so a typo fails in one line before Hydra starts.
+
+    Hydra reports composition errors (a misspelled key, a bad value) over several lines plus a
+    hint; this does the same composition up front and condenses the message. Flags (--cfg, -m, ...)
+    are left to Hydra; for a multirun the first job's overrides are checked.
+    """
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [arg for arg in args if arg not in ("-m", "--multirun")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = BasicSweeper.split_arguments(parsed, None)
+        first = jobs[0][0] if jobs and jobs[0] else overrides
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose("train", overrides=list(first), return_hydra_config=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(cfg)
+        run_dir = str(cfg.hydra.sweep.dir if "-m" in args or "--multirun" in args else cfg.hydra.run.dir)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise UserError(_one_line(str(error))) from error
+    finally:
+        GlobalHydra.instance().clear()
+    existing = Path(run_dir).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:  # can a folder be made where Hydra will make the run's folder?
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as error:
+        raise UserError(f"cannot create the output dir {run_dir} ({existing}: {error.strerror}): "
+                        "set hydra.run.dir (or hydra.sweep.dir) to a writable folder") from None
 
 
 def auto_mixed_precision(accelerator: str) -> str:

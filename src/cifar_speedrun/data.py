@@ -303,18 +303,20 @@ def pad_reflect(images: torch.Tensor, pad: int) -> torch.Tensor:
 
 def crop_flip(padded: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
               size: int) -> torch.Tensor:
-    """Per-image crop of `size`x`size` at (top, left), mirrored where `flip`: two gathers, no loop.
+    """Per-image crop of `size`x`size` at (top, left), mirrored where `flip`: one gather, no loop.
 
-    Mirroring the crop is the same as reading its columns right to left, so the flip costs nothing
-    beyond reversing the column index.
+    Each output pixel's flat position in its padded image is row * width + column; mirroring the
+    crop is the same as reading its columns right to left, so the flip costs nothing beyond
+    reversing the column index.
     """
     batch, channels, height, width = padded.shape
     offsets = torch.arange(size, device=padded.device)
     rows = top[:, None] + offsets  # (B, size)
     cols = left[:, None] + offsets
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    x = padded.gather(2, rows[:, None, :, None].expand(batch, channels, size, width))
-    return x.gather(3, cols[:, None, None, :].expand(batch, channels, size, size))
+    pixels = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, size * size)
+    flat = padded.reshape(batch, channels, height * width)
+    return flat.gather(2, pixels.expand(batch, channels, size * size)).view(batch, channels, size, size)
 
 
 def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
@@ -410,11 +412,17 @@ class AugmentedBatches:
 
 
 class EvalBatches:
-    """Test batches in a fixed order, last partial batch kept: every test image counts once."""
+    """Test batches in a fixed order, last partial batch kept: every test image counts once.
+
+    Under DDP each rank takes a contiguous slice (the last rank the remainder), and the metrics'
+    sync adds the ranks' counts, so the accuracy is over all test images exactly once.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 channels_last: bool = False) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        share = math.ceil(len(labels) / world_size)
+        mine = slice(rank * share, min((rank + 1) * share, len(labels)))
+        self.images, self.labels, self.batch_size = images[mine], labels[mine], batch_size
         self.channels_last = channels_last
 
     def __len__(self) -> int:
@@ -526,7 +534,7 @@ class Cifar10DataModule(L.LightningDataModule):
         self._train_batches = AugmentedBatches(
             padded, train_y.to(device), per_rank_batch, self.augment, self.seed, rank, world, self.channels_last
         )
-        self._test = EvalBatches(test, test_y.to(device), self.eval_batch_size, self.channels_last)
+        self._test = EvalBatches(test, test_y.to(device), self.eval_batch_size, self.channels_last, rank, world)
         if self._pending_state is not None:
             self._train_batches.load_state_dict(self._pending_state)
             self._pending_state = None

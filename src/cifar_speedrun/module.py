@@ -13,6 +13,7 @@ loss per example and lets `label_smoothing` and friends use PyTorch's standard l
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -139,12 +140,17 @@ class SpeedrunModule(L.LightningModule):
         self.tta = dict(tta or {})
         self.compile_net = compile
         self.nan_check_every = max(1, int(nan_check_every))
-        self.train_loss = MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
-        self.test_loss = MeanMetric()
-        # First step whose loss was not finite, tracked on the device so no step waits on the host.
+        # No argument validation or NaN scans inside the metrics: each would read a value back to the
+        # host (a device sync) every step. Non-finite losses are tracked below, on the device.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
+        self.test_loss = MeanMetric(nan_strategy="disable")
+        # Step counter and first step whose loss was not finite, both on the device: no step waits on
+        # the host; the flag is read every `nan_check_every` steps and at each epoch end.
+        self.register_buffer("step_count", torch.tensor(0, dtype=torch.long), persistent=False)
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.warmup_seconds: float | None = None
         self.schedule: PiecewiseLinear | None = None
 
     # ---------------------------------------------------------------- setup
@@ -160,7 +166,42 @@ class SpeedrunModule(L.LightningModule):
             fit = getattr(layer, "fit_to_data", None)
             if callable(fit) and images is not None:
                 fit(images)
+        self.step_count.fill_(self.global_step)
+        if self.compile_net or self.device.type == "cuda":
+            self.warm_up(datamodule)
 
+    def warm_up(self, datamodule: Any) -> None:
+        """Compile (torch.compile) and autotune (cudnn.benchmark) before the clock starts.
+
+        One training-mode forward/backward and one eval-mode forward on batches of the real shapes,
+        under the trainer's autocast; the weights, BN statistics and gradients are restored after, so
+        the run is unchanged. The seconds it takes are reported as `warmup_seconds` (compile time).
+        """
+        if datamodule is None:
+            return
+        train_batches = datamodule.train_dataloader()
+        crop = datamodule.augment.crop_size
+        shape = (train_batches.batch_size, train_batches.images.shape[1], crop, crop)
+        dtype = train_batches.images.dtype
+        saved = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        start = time.perf_counter()
+        x = torch.zeros(shape, device=self.device, dtype=dtype)
+        if self.hparams.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.zeros(shape[0], dtype=torch.long, device=self.device)
+        with self.trainer.precision_plugin.forward_context():
+            self.net.train()
+            self.loss(self.net(x), y).backward()
+            self.net.eval()
+            with torch.no_grad():
+                tta_logits(self.net, x[: min(len(x), 1000)], bool(self.tta.get("flip", False)),
+                           bool(self.tta.get("translate", False)))
+        self.net.train()
+        self.net.zero_grad(set_to_none=True)
+        self.net.load_state_dict(saved)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmup_seconds = time.perf_counter() - start
     # ---------------------------------------------------------------- steps
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -174,8 +215,8 @@ class SpeedrunModule(L.LightningModule):
         loss = self.loss(logits, labels)
         detached = loss.detach()
         bad = (~torch.isfinite(detached)) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, torch.tensor(self.global_step, device=self.device),
-                                          self.first_bad_step)
+        self.first_bad_step.copy_(torch.where(bad, self.step_count, self.first_bad_step))
+        self.step_count.add_(1)
         if (self.global_step + 1) % self.nan_check_every == 0:
             self.raise_if_not_finite()
         self.train_loss.update(detached)
@@ -187,6 +228,10 @@ class SpeedrunModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.raise_if_not_finite()
+
+    def epoch_train_metrics(self) -> dict[str, float]:
+        """This epoch's mean train loss and accuracy (synced across DDP ranks)."""
+        return {"train_loss": float(self.train_loss.compute()), "train_acc": float(self.train_acc.compute())}
 
     def raise_if_not_finite(self) -> None:
         step = int(self.first_bad_step)

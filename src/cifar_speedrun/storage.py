@@ -99,3 +99,15 @@ def write_json_atomic(obj: Any, path: str) -> None:
 
 def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode())
+
+
+def check_writable(directory: str) -> None:
+    """Create `directory` and write/remove a probe file; raises OSError when that is impossible."""
+    makedirs(directory)
+    probe = join(directory, f".write-probe-{uuid.uuid4().hex}")
+    write_bytes_atomic(b"", probe)
+    if is_local(probe):
+        os.remove(_local(probe))
+    else:
+        fs, inner = fsspec.core.url_to_fs(probe)
+        fs.rm(inner)

@@ -58,9 +58,30 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
           "(or model.width=0.25 data.subset=10000 epochs=3)", flush=True)
 
 
+def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and cfg.get("resume"):
+        ckpt_path = storage.join(str(cfg.paths.checkpoint_dir), "last.ckpt")
+        if not storage.exists(ckpt_path):
+            raise UserError(
+                f"resume=true but there is no {ckpt_path}: run in the interrupted run's folder "
+                "(hydra.run.dir=<its dir> resume=true) or give ckpt_path=/path/to/last.ckpt"
+            )
+    if ckpt_path and not storage.exists(str(ckpt_path)):
+        raise UserError(f"ckpt_path={ckpt_path} does not exist: give the path of a .ckpt file "
+                        "(e.g. <run>/checkpoints/last.ckpt)")
+    return str(ckpt_path) if ckpt_path else None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit. Returns the results dict (also written to results.json)."""
     config_lib.validate(cfg)
+    try:
+        storage.check_writable(str(cfg.paths.output_dir))
+    except OSError as error:
+        raise UserError(f"cannot write to the output dir {cfg.paths.output_dir} ({error.strerror or error}): "
+                        "choose a writable hydra.run.dir / paths.output_dir") from error
+    ckpt_path = _checkpoint_to_resume(cfg)
     overrides, _ = _hydra_context()
     tricks = list(cfg.get("applied_tricks") or {})
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -95,7 +116,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    ckpt_path = cfg.get("ckpt_path")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         writer = next(cb for cb in callbacks if type(cb).__name__ == "ResultsWriter")
@@ -162,6 +182,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return result.get("test_acc")
     except Exception as error:
         _record_failure(cfg, error)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         user_error = _user_error_in(error)
         if user_error is not None:
             print(f"error: {user_error}", file=sys.stderr, flush=True)
@@ -169,8 +191,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
                 raise SystemExit(2) from None
             return None
         # Training failed (NaN loss, OOM, ...): results.json already says so.
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("CIFAR_SPEEDRUN_DEBUG") == "1":
-            raise
         line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: run failed: {type(error).__name__}: {line} (results.json has status 'failed'; "
               "HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
@@ -190,6 +210,8 @@ def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         config_lib.check_group_overrides(sys.argv[1:])
+        if not os.environ.get("HYDRA_FULL_ERROR"):
+            config_lib.check_composition(sys.argv[1:])
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
