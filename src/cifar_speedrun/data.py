@@ -319,15 +319,28 @@ def crop_flip(padded: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip:
     return flat.gather(2, pixels.expand(batch, channels, size * size)).view(batch, channels, size, size)
 
 
+def cutout_(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+    """In place: zero one `size`x`size` square per image at (top, left), clipped at the border.
+
+    Writes only the square's size*size pixels per image (one index_fill over the flat tensor), not
+    a full-image mask: the positions that fall outside the image are redirected to a pixel of the
+    same square that is inside it (its clamped centre), so they zero nothing extra.
+    """
+    batch, channels, height, width = images.shape
+    offsets = torch.arange(size, device=images.device)
+    rows = top[:, None] + offsets  # (B, size)
+    cols = left[:, None] + offsets
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    centre = (top + size // 2).clamp(0, height - 1) * width + (left + size // 2).clamp(0, width - 1)
+    pixels = torch.where(inside, rows[:, :, None] * width + cols[:, None, :], centre[:, None, None])
+    planes = torch.arange(batch * channels, device=images.device).view(batch, channels, 1) * (height * width)
+    images.view(-1).index_fill_(0, (planes + pixels.view(batch, 1, size * size)).view(-1), 0.0)
+    return images
+
+
 def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero one `size`x`size` square per image at (top, left), clipped where it leaves the image."""
-    _, _, height, width = images.shape
-    rows = torch.arange(height, device=images.device)
-    cols = torch.arange(width, device=images.device)
-    in_rows = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + size)
-    in_cols = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + size)
-    square = in_rows[:, :, None] & in_cols[:, None, :]
-    return images.masked_fill(square[:, None], 0.0)
+    """Like `cutout_`, on a copy."""
+    return cutout_(images.clone(), top, left, size)
 
 
 @dataclass
@@ -362,7 +375,7 @@ def augment_batch(padded: torch.Tensor, generator: torch.Generator, cfg: Augment
         else:
             c_top = torch.randint(0, size, (batch,), device=device, generator=generator) - square // 2
             c_left = torch.randint(0, size, (batch,), device=device, generator=generator) - square // 2
-        x = cutout(x, c_top, c_left, square)
+        x = cutout_(x, c_top, c_left, square)  # x is this batch's own fresh tensor
     return x
 
 
@@ -398,7 +411,7 @@ class AugmentedBatches:
         self.last_indices = mine[: len(self) * self.batch_size]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = mine[start:start + self.batch_size]
-            x = augment_batch(self.images[index], self.augment_generator, self.augment)
+            x = augment_batch(self.images.index_select(0, index), self.augment_generator, self.augment)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[index]
