@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import tempfile
@@ -37,3 +38,15 @@ def compose_config(overrides: list[str], output_dir: str | None = None) -> DictC
         cfg.paths.log_dir = cfg.paths.output_dir
         del cfg["hydra"]  # a task's config has no hydra node (HydraConfig above still answers ${hydra:...})
     return cfg
+
+
+def keep_large_allocations_off_mmap() -> None:
+    """Each batch allocates a few MB; glibc serves such blocks with mmap and returns them to the OS on
+    free, so every batch pays fresh page faults (measured here: 36k vs 130-180k img/s for the same
+    code). Raising glibc's mmap/trim thresholds keeps them in the heap. Linux/glibc only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -12,10 +12,9 @@ Prints images/s of each and the ratio a/b. Target on a 2-core CPU: >= 20x.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 
-import _common  # noqa: F401  (puts src/ on the path)
+import _common
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -91,20 +90,8 @@ def torchvision_loader(images: torch.Tensor, labels: torch.Tensor, batch: int, w
     return count / best
 
 
-def keep_large_allocations_off_mmap() -> None:
-    """Each batch allocates a few MB; glibc serves such blocks with mmap and returns them to the OS on
-    free, so every batch pays fresh page faults (measured here: 36k vs 130-180k img/s for the same
-    code). Raising glibc's mmap/trim thresholds keeps them in the heap. Linux/glibc only."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> None:
-    keep_large_allocations_off_mmap()
+    _common.keep_large_allocations_off_mmap()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=512)

@@ -86,6 +86,7 @@ def raw_epochs(cfg, initial_state: dict) -> list[float]:
 
 
 def main() -> None:
+    _common.keep_large_allocations_off_mmap()  # both sides allocate MBs per step; same heap policy for both
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--subset", type=int, default=5120)
