@@ -51,9 +51,9 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
     net(probe).sum().backward()  # the first call pays one-off costs: time the second
     start = time.perf_counter()
     net(probe).sum().backward()
+    per_image = (time.perf_counter() - start) / len(probe)
     net.zero_grad(set_to_none=True)
     net.load_state_dict(saved)
-    per_image = (time.perf_counter() - start) / len(probe)
     images = (cfg.data.subset or 50_000) * cfg.epochs
     hours = images * per_image / 3600
     print(f"[cpu] no CUDA: model.width={cfg.model.width} trains at ~{1 / per_image:.0f} images/s here, so "
