@@ -207,7 +207,3 @@ def validate(cfg: DictConfig) -> None:
             f"data.subset={subset} is smaller than data.batch_size={batch}: no full batch to train on; "
             "lower data.batch_size or raise data.subset"
         )
-
-
-def expand(path: str) -> str:
-    return os.path.expanduser(path)

@@ -81,7 +81,7 @@ def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[st
         "weight_decay": wd,
         "momentum": momentum,
         "batch_size": batch_size,
-        "lr_per_example": lr / batch_size,  # Page's λ/N with his summed loss... per example
+        "lr_per_example": lr / batch_size,  # Page's λ/N: the lr of his summed-loss code
         "lr_per_example_over_1_minus_momentum": lr / batch_size / (1.0 - momentum),
         "lr_times_weight_decay": lr * wd,
     }
