@@ -346,3 +346,18 @@ def test_multirun_grid_of_two_jobs(tmp_path: Path, archive: str, cache_dir: str)
     results = [json.loads((tmp_path / "multi" / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert [r["tricks"] for r in results] == [[], ["label_smoothing", "celu"]]
     assert all(r["status"] == "ok" and r["test_acc"] is not None for r in results)
+
+
+def test_leave_one_out_sweep_expands_to_all_and_each_minus_one(compose_cfg) -> None:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = compose_cfg("sweep=leave_one_out").hydra.sweeper.params
+    overrides = [f"{key}={value}" for key, value in params.items()]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    tricks = {next(o for o in job if o.startswith("trick=")) for job in jobs}
+    full = set(ALL_TRICKS) - {"compile", "channels_last"}
+    lists = [set(t[len("trick=["):-1].split(",")) for t in tricks]
+    assert len(jobs) == 30 and len(lists) == 10
+    assert full in lists and sorted(len(full - s) for s in lists) == [0] + [1] * 9
+    assert {next(iter(full - s)) for s in lists if s != full} == full
