@@ -121,6 +121,7 @@ class ResultsWriter(Callback):
         self.root_dir = root_dir
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._commit: str | None = None
+        self.result: dict[str, Any] | None = None  # the last record written
 
     def _timer(self, trainer: L.Trainer) -> TrainTimer | None:
         return next((cb for cb in trainer.callbacks if isinstance(cb, TrainTimer)), None)
@@ -162,6 +163,7 @@ class ResultsWriter(Callback):
         }
         if trainer.is_global_zero:
             storage.write_json_atomic(result, self.path)
+        self.result = result
         return result
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
 from cifar_speedrun import storage
+from cifar_speedrun.callbacks import ResultsWriter
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.module import SpeedrunModule
 
@@ -121,8 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        writer = next(cb for cb in callbacks if type(cb).__name__ == "ResultsWriter")
-        result = writer.record(trainer, module, "ok")
+        # on_fit_end already wrote results.json; reuse that record instead of writing it again
+        writer = next(cb for cb in callbacks if isinstance(cb, ResultsWriter))
+        result = writer.result or writer.record(trainer, module, "ok")
         final = {f"final/{key}": float(result[key]) for key in ("test_acc", "train_seconds", "time_to_target")
                  if result.get(key) is not None}
         for logger in loggers:
