@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_speedrun.module import PiecewiseLinear, SpeedrunModule
+from cifar_speedrun.module import PiecewiseLinear, SpeedrunModule, resolve_knots
 
 
 class EpochClock(L.Callback):
@@ -46,7 +46,7 @@ def lightning_epochs(cfg, initial_state: dict) -> list[float]:
     net = instantiate(cfg.model)
     net.load_state_dict(initial_state)
     module = SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.data.batch_size),
-                            float(cfg.loss.label_smoothing), OmegaConf.to_container(cfg.tta))
+                            float(cfg.loss.label_smoothing), OmegaConf.to_container(cfg.tta), epochs=cfg.epochs)
     clock = EpochClock()
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [clock]
     loggers = [instantiate(c) for c in cfg.logger.values()]
@@ -65,7 +65,8 @@ def raw_epochs(cfg, initial_state: dict) -> list[float]:
     optim = cfg.optim
     optimizer = torch.optim.SGD(net.parameters(), lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
                                 weight_decay=optim.weight_decay, foreach=True)
-    schedule = PiecewiseLinear(optim.schedule.epochs, optim.schedule.factors, len(batches))
+    schedule = PiecewiseLinear(resolve_knots(list(optim.schedule.epochs), cfg.epochs), optim.schedule.factors,
+                               len(batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     times = []
     for _ in range(cfg.epochs):
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = _common.compose_config([
         "data.source=image_folder", f"data.path={_common.archive_path()}", f"model.width={args.width}",
-        f"data.subset={args.subset}", f"epochs={args.epochs}", f"optim.schedule.epochs=[0,1,{args.epochs}]",
+        f"data.subset={args.subset}", f"epochs={args.epochs}", "optim.schedule.epochs=[0,1,epochs]",
         "trainer.enable_model_summary=false",
     ])
     torch.manual_seed(0)

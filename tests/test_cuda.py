@@ -22,7 +22,7 @@ def test_training_step_makes_no_host_sync(compose_cfg, archive, cache_dir) -> No
     dm.setup("fit")
     net = instantiate(cfg.model).cuda()
     module = SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), 512, 0.2,
-                            channels_last=True, nan_check_every=10**9).cuda()
+                            channels_last=True, nan_check_every=10**9, epochs=cfg.epochs).cuda()
     for layer in net.modules():
         if hasattr(layer, "fit_to_data"):
             layer.fit_to_data(dm.train_images)

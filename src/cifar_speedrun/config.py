@@ -165,15 +165,31 @@ def validate(cfg: DictConfig) -> None:
     momentum = cfg.optim.momentum
     if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise UserError(f"optim.momentum={momentum!r} must be in [0, 1); Page uses 0.9")
-    schedule_epochs = list(cfg.optim.schedule.epochs)
-    schedule_factors = list(cfg.optim.schedule.factors)
-    from cifar_speedrun.module import check_schedule
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs != epochs:
+        raise UserError(
+            f"trainer.max_epochs={max_epochs} differs from epochs={epochs}: set epochs={max_epochs} instead "
+            "(the LR schedule and everything else that depends on the run's length follow `epochs`)"
+        )
+    from cifar_speedrun.module import check_schedule, resolve_knots
 
-    check_schedule(schedule_epochs, schedule_factors)
+    written = list(cfg.optim.schedule.epochs)
+    schedule_epochs = resolve_knots(written, epochs)
+    schedule_factors = list(cfg.optim.schedule.factors)
+    try:
+        check_schedule(schedule_epochs, schedule_factors)
+    except UserError as error:
+        if written == schedule_epochs:
+            raise
+        raise UserError(f"{error} (optim.schedule.epochs={written} at epochs={epochs} gives "
+                        f"{[round(k, 4) for k in schedule_epochs]}: raise epochs or give the knots)") from None
+    if schedule_epochs[0] < 0:
+        raise UserError(f"optim.schedule.epochs={schedule_epochs} starts before epoch 0")
     if schedule_epochs[-1] > epochs:
         raise UserError(
-            f"optim.schedule.epochs ends at {schedule_epochs[-1]} but the run has epochs={epochs}: the "
-            f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or shorten the schedule"
+            f"optim.schedule.epochs ends at {schedule_epochs[-1]:g} but the run has epochs={epochs}: the "
+            f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or write the knots in `epochs` "
+            "(e.g. [0,epochs/5,epochs])"
         )
     label_smoothing = cfg.loss.label_smoothing
     if not 0 <= label_smoothing < 1:

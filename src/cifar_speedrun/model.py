@@ -62,9 +62,20 @@ class GhostBatchNorm(BatchNorm):
     Vectorized with one `F.batch_norm` call: the (N, C, H, W) batch viewed as (N/s, s*C, H, W) puts
     image i of every group of s consecutive images into its own block of C channels, so split k is
     the images k, k+s, k+2s, ... (the batch order is a random permutation, so this is as good as
-    contiguous chunks, and the view costs no copy). The running statistics are kept per split in
-    training; at eval they are combined into the statistics of the whole batch (mean of the means,
-    and by the law of total variance, mean of the variances plus the variance of the means).
+    contiguous chunks, and the view costs no copy; cifar10-fast uses the same view).
+
+    Training keeps running statistics per split (`split_running_mean/var`, C*s each) and does
+    nothing else: no eval-statistics work on a training step. Evaluation normalizes with their
+    average over the splits, the mean of the split means and the mean of the split variances, as
+    cifar10-fast's GhostBatchNorm collates them when it goes to eval. That is not the whole batch's
+    variance (the variance of the split means is left out): it is the expected variance of one ghost
+    batch, the scale each image was normalized with in training. The average is linear in the split
+    statistics, so averaging weights and buffers (EMA) before or after combining gives the same.
+
+    The average is taken in the eval forward itself (two reductions over s*C numbers per layer
+    and eval batch, written to `running_mean/var` so they show what evaluation used), not cached
+    across forwards: the EMA callback copies averaged buffers into the model without the module
+    knowing, and a cached combination would then evaluate stale statistics.
     """
 
     def __init__(self, num_features: int, splits: int = 16, **kwargs: Any) -> None:
@@ -72,6 +83,14 @@ class GhostBatchNorm(BatchNorm):
         self.splits = int(splits)
         self.register_buffer("split_running_mean", torch.zeros(num_features * self.splits))
         self.register_buffer("split_running_var", torch.ones(num_features * self.splits))
+
+    @torch.no_grad()
+    def combine_split_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval statistics: the mean over splits of the per-split running means and variances."""
+        c = self.num_features
+        self.running_mean.copy_(self.split_running_mean.view(self.splits, c).mean(0))
+        self.running_var.copy_(self.split_running_var.view(self.splits, c).mean(0))
+        return self.running_mean, self.running_var
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -87,30 +106,33 @@ class GhostBatchNorm(BatchNorm):
                 self.weight.repeat(self.splits), self.bias.repeat(self.splits),
                 True, self.momentum, self.eps,
             )
-            with torch.no_grad():
-                means = self.split_running_mean.view(self.splits, c)
-                variances = self.split_running_var.view(self.splits, c)
-                self.running_mean.copy_(means.mean(0))
-                self.running_var.copy_(variances.mean(0) + means.var(0, unbiased=False))
             return out.view(n, c, h, w)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        mean, var = self.combine_split_statistics()
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class PatchWhitening(nn.Module):
     """A frozen 3x3 conv whose filters PCA-whiten the training set's 3x3 patches (Page part 8).
 
-    `fit_to_data` takes the 3x3x3 patches of the first `max_images` standardized training images
-    (Page: 10,000), forms their second-moment matrix Σ (27x27; Page does not subtract the mean, the
-    images are already standardized), and sets the 27 filters to Σ's eigenvectors scaled by
+    `fit_to_data` takes the 3x3x3 patches of `max_images` standardized training images (Page: 10,000),
+    forms their second-moment matrix Σ (27x27; Page does not subtract the mean, the images are
+    already standardized), and sets the 27 filters to Σ's eigenvectors scaled by
     1/sqrt(eigenvalue + eps) (Page: eps = 1e-2). The filtered patches then have covariance
     Λ/(Λ + eps) ≈ I: decorrelated, unit variance. Computed once, on the device, before training.
+
+    Which images: Page takes the first 10,000 of torchvision's training set, whose order is already
+    shuffled across classes. A folder of images is stored class by class, so "the first 10,000"
+    would be two classes (5,000 airplanes, 5,000 automobiles). The equivalent of Page's sample is a
+    seeded uniform sample of the whole (possibly subset) training set: `sample_indices`. The seed
+    is the run's, drawn on the CPU, so every DDP rank (each holding the full training set) fits the
+    same filters.
     """
 
     def __init__(self, kernel_size: int = 3, eps: float = 1e-2, padding: int = 1, max_images: int = 10_000,
-                 centered: bool = False) -> None:
+                 centered: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.kernel_size, self.eps, self.padding = kernel_size, eps, padding
-        self.max_images, self.centered = max_images, centered
+        self.max_images, self.centered, self.seed = max_images, centered, int(seed)
         channels = 3 * kernel_size * kernel_size
         self.out_channels = channels
         self.register_buffer("weight", torch.eye(channels).view(channels, 3, kernel_size, kernel_size))
@@ -121,9 +143,18 @@ class PatchWhitening(nn.Module):
         cols = F.unfold(images.float(), kernel_size)  # (N, 3*k*k, L), channel-major like conv weights
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
+    @staticmethod
+    def sample_indices(num_images: int, max_images: int, seed: int) -> torch.Tensor:
+        """`max_images` indices drawn uniformly without replacement (all of them if fewer), seeded, sorted."""
+        if num_images <= max_images:
+            return torch.arange(num_images)
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(num_images, generator=generator)[:max_images].sort().values
+
     @torch.no_grad()
     def fit_to_data(self, images: torch.Tensor) -> None:
-        patches = self.patches(images[: self.max_images], self.kernel_size).double()
+        index = self.sample_indices(len(images), self.max_images, self.seed).to(images.device)
+        patches = self.patches(images.index_select(0, index), self.kernel_size).double()
         if self.centered:
             patches = patches - patches.mean(dim=0, keepdim=True)
         moment = patches.T @ patches / (len(patches) - 1)
@@ -231,7 +262,7 @@ class DavidNet(nn.Sequential):
         if whitening.get("enabled", False):
             white = PatchWhitening(int(whitening.get("kernel_size", 3)), float(whitening.get("eps", 1e-2)),
                                    int(whitening.get("padding", 1)), int(whitening.get("max_images", 10_000)),
-                                   bool(whitening.get("centered", False)))
+                                   bool(whitening.get("centered", False)), int(whitening.get("seed", 0)))
             # Page part 8: the whitened 27 channels feed a learned 1x1 conv to the prep width.
             prep: nn.Module = nn.Sequential(OrderedDict(whiten=white, block=block(white.out_channels, c_prep,
                                                                             kernel_size=1)))

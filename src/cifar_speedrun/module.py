@@ -12,7 +12,9 @@ loss per example and lets `label_smoothing` and friends use PyTorch's standard l
 
 from __future__ import annotations
 
+import ast
 import math
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,9 +34,10 @@ class PiecewiseLinear:
     """LR multiplier as a function of the optimizer step: linear between (epoch, value) points.
 
     A class, not a lambda, so LambdaLR can save it in checkpoints. Step k (0-based) is the k-th
-    optimizer update; it uses the schedule at the end of that step, (k + 1) / steps_per_epoch epochs,
-    so the first update is not wasted at lr 0 and the last one lands exactly on the final point.
-    Outside the points the value is held (np.interp), as in cifar10-fast's PiecewiseLinear.
+    optimizer update and uses the schedule at (k + 1) / steps_per_epoch epochs: cifar10-fast's
+    optimizer increments its step counter before it looks the lr up, so its first update also uses
+    the value one step in (never lr 0) and its last lands exactly on the final point. Outside the
+    points the value is held (np.interp), as in cifar10-fast's PiecewiseLinear.
     """
 
     def __init__(self, epochs: Sequence[float], values: Sequence[float], steps_per_epoch: int) -> None:
@@ -47,6 +50,55 @@ class PiecewiseLinear:
 
     def __call__(self, step: int) -> float:
         return self.at_epoch((step + 1) / self.steps_per_epoch)
+
+
+_KNOT_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def resolve_knots(knots: Sequence[float | int | str], epochs: float) -> list[float]:
+    """The schedule's knots as numbers of epochs; each knot is a number or arithmetic in `epochs`.
+
+    Page writes his schedules relative to the run, PiecewiseLinear([0, epochs/5, epochs - ema_epochs],
+    ...), so changing the number of epochs keeps the shape of the schedule. The configs do the same:
+    `[0, epochs/5, epochs - 2]` reads like his code and follows `epochs=N`; plain numbers stay fixed.
+    Only numbers, `epochs`, + - * / and parentheses are accepted (parsed with `ast`, never eval'd).
+    """
+
+    def value(node: ast.AST, text: str) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id == "epochs":
+            return float(epochs)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand, text)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp) and type(node.op) in _KNOT_OPERATORS:
+            left, right = value(node.left, text), value(node.right, text)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise UserError(f"optim.schedule.epochs knot {text!r} divides by zero")
+            return _KNOT_OPERATORS[type(node.op)](left, right)
+        raise UserError(
+            f"optim.schedule.epochs knot {text!r} is not a number or an expression in `epochs` "
+            "(use numbers, epochs, + - * /, e.g. [0,epochs/5,epochs])"
+        )
+
+    resolved = []
+    for knot in knots:
+        if isinstance(knot, bool):
+            raise UserError(f"optim.schedule.epochs knot {knot!r} is not a number")
+        if isinstance(knot, (int, float)):
+            resolved.append(float(knot))
+            continue
+        text = str(knot).strip()
+        try:
+            tree = ast.parse(text, mode="eval")
+        except SyntaxError:
+            raise UserError(
+                f"optim.schedule.epochs knot {text!r} is not a number or an expression in `epochs` "
+                "(e.g. [0,epochs/5,epochs])"
+            ) from None
+        resolved.append(value(tree.body, text))
+    return resolved
 
 
 def check_schedule(epochs: Sequence[float], values: Sequence[float]) -> None:
@@ -127,15 +179,22 @@ class SpeedrunModule(L.LightningModule):
         channels_last: bool = False,
         nan_check_every: int = 25,
         run_config: dict[str, Any] | None = None,
+        epochs: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        check_schedule(optim["schedule"]["epochs"], optim["schedule"]["factors"])
+        knots = list(optim["schedule"]["epochs"])
+        if epochs is None and any(isinstance(k, str) for k in knots):
+            raise UserError(f"optim.schedule.epochs={knots} is written in `epochs`: give the run's epochs too")
+        self.schedule_knots = resolve_knots(knots, math.nan if epochs is None else float(epochs))
+        check_schedule(self.schedule_knots, optim["schedule"]["factors"])
         self.net = net
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.optim_cfg = dict(optim)
         self.effective = effective_hyperparameters(self.optim_cfg, batch_size)
+        self.effective["schedule_epochs"] = self.schedule_knots
+        self.effective["schedule_factors"] = [float(v) for v in optim["schedule"]["factors"]]
         self.label_smoothing = float(label_smoothing)
         self.tta = dict(tta or {})
         self.compile_net = compile
@@ -293,6 +352,6 @@ class SpeedrunModule(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
         steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
-        self.schedule = PiecewiseLinear(optim["schedule"]["epochs"], optim["schedule"]["factors"], steps_per_epoch)
+        self.schedule = PiecewiseLinear(self.schedule_knots, optim["schedule"]["factors"], steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

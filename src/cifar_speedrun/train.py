@@ -59,7 +59,7 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
     hours = images * per_image / 3600
     print(f"[cpu] no CUDA: model.width={cfg.model.width} trains at ~{1 / per_image:.0f} images/s here, so "
           f"{cfg.epochs} epochs take ~{hours:.1f} h; for a CPU-sized run use experiment=cpu_proxy "
-          "(or model.width=0.25 data.subset=10000 epochs=3 'optim.schedule.epochs=[0,1,3]')", flush=True)
+          "(or model.width=0.25 data.subset=10000 epochs=3)", flush=True)
 
 
 def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
@@ -111,12 +111,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         channels_last=bool(cfg.channels_last),
         nan_check_every=int(cfg.nan_check_every),
         run_config=run_config,
+        epochs=int(cfg.epochs),
     )
     eff = module.effective
     print(f"[optim] lr {eff['lr']:.4g}, weight decay {eff['weight_decay']:.4g}, momentum {eff['momentum']}, "
           f"batch {eff['batch_size']} (λ/N {eff['lr_per_example']:.4g}, "
           f"λ/N/(1-ρ) {eff['lr_per_example_over_1_minus_momentum']:.4g}, λα {eff['lr_times_weight_decay']:.4g})"
-          f"; tricks: {', '.join(tricks) or 'none'}; data: {run_config['data_source']}", flush=True)
+          f"; lr schedule: epochs {[round(k, 4) for k in eff['schedule_epochs']]} -> factors "
+          f"{eff['schedule_factors']}; tricks: {', '.join(tricks) or 'none'}; data: {run_config['data_source']}",
+          flush=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
