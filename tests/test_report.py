@@ -70,6 +70,48 @@ def test_report_writes_table_csv_plot_and_lists_failures(fixture_dir: Path) -> N
         image.verify()
 
 
+def test_per_run_csv_round_trip_rebuilds_the_same_table(fixture_dir: Path, tmp_path: Path) -> None:
+    """report --export-runs writes one row per run; report <csv> rebuilds the identical table from it."""
+    runs_csv = tmp_path / "results" / "runs.csv"
+    assert report_lib.main([str(fixture_dir), "--export-runs", str(runs_csv)]) == 0
+    with open(runs_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 7 and list(rows[0]) == report_lib.RUN_COLUMNS
+    assert rows[0]["configuration"] == "experiment=cpu_proxy trick=[]" and rows[0]["seed"] == "0"
+    assert rows[6]["status"] == "failed" and "NaN" in rows[6]["error"]
+    from_dir = (fixture_dir / "report.md").read_text()
+    assert report_lib.main([str(runs_csv)]) == 0
+    from_csv = (tmp_path / "results" / "runs-report.md").read_text()
+    table = [line for line in from_dir.splitlines() if line.startswith("|")]
+    assert table == [line for line in from_csv.splitlines() if line.startswith("|")]
+    assert (tmp_path / "results" / "runs-report.png").is_file()
+
+
+def test_several_multirun_dirs_merge_in_the_order_given(tmp_path: Path) -> None:
+    """One multirun per row of a table (each small enough to run alone), reported together."""
+    first, second = tmp_path / "s7", tmp_path / "s0"
+    for job, acc in enumerate([0.80, 0.81]):
+        _write(first, job, "experiment=cpu_proxy stage=s7_tta", job, acc)
+    for job, acc in enumerate([0.78, 0.79, 0.80]):
+        _write(second, job, "experiment=cpu_proxy stage=s0_baseline", job, acc)
+    text = report_lib.report([second, first], out=tmp_path / "both")
+    rows = [line for line in text.splitlines() if line.startswith("| stage=")]
+    assert rows[0].startswith("| stage=s0_baseline | 3 | 79.00") and rows[1].startswith("| stage=s7_tta | 2 | 80.50")
+    assert (tmp_path / "both" / "report.md").is_file() and not (second / "report.md").exists()
+
+
+def test_report_names_the_data_width_and_commit(tmp_path: Path) -> None:
+    root = tmp_path / "multi"
+    _write(root, 0, "stage=s0_baseline", 0, 0.8)
+    result = json.loads((root / "0" / "results.json").read_text())
+    result.update({"data_source": "CIFAR-10 image_folder x.tar.gz", "git_commit": "abc123",
+                   "device": "cpu (x86_64, 2 threads)", "config": {"model": {"width": 0.125}}})
+    (root / "0" / "results.json").write_text(json.dumps(result))
+    text = report_lib.report(root)
+    assert ("Data: CIFAR-10 image_folder x.tar.gz. Width: 0.125. Device: cpu (x86_64, 2 threads). "
+            "Commit: abc123.") in text
+
+
 def test_report_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert report_lib.main([str(tmp_path / "nowhere")]) == 2
     assert report_lib.main([str(tmp_path)]) == 2

@@ -293,7 +293,7 @@ def test_experiments_compose(compose_cfg, experiment: str) -> None:
         assert set(cfg.applied_tricks) == set(ALL_TRICKS) - {"compile", "channels_last"}
         assert cfg.data.cutout is False
     if experiment == "page_baseline":
-        assert cfg.epochs == 24 and not cfg.applied_tricks
+        assert cfg.epochs == 24 and list(cfg.applied_tricks) == ["mixed_precision"]  # Page's baseline is fp16
     if experiment == "cpu_proxy":
         assert cfg.model.width == 0.125 and cfg.trainer.accelerator == "cpu" and cfg.data.subset is None
 
@@ -306,7 +306,7 @@ def test_sweeps_name_existing_stages(compose_cfg) -> None:
             validate(cfg)
     stages = str(compose_cfg("sweep=bag_of_tricks").hydra.sweeper.params.stage).split(",")
     counts = [len(compose_cfg(f"stage={s}").applied_tricks) for s in stages]
-    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 9  # cumulative
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == 9  # cumulative from fp16 on
 
 
 # ---------------------------------------------------------------- errors

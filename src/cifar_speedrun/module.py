@@ -145,7 +145,8 @@ def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, transla
 
     flip: the image and its horizontal mirror (Page part 8). translate: also both of those shifted
     by one pixel (reflect-padded) up-left and down-right, as airbench's tta level 2. `reduce`
-    chooses what is averaged: raw logits, or log-softmax (Page averages log-probabilities).
+    chooses what is averaged: raw logits (Page: cifar10-fast's forward_tta stacks the views' logits
+    and takes their mean; airbench does the same), or log-softmax (log-probabilities).
     """
     views = [images]
     if flip:

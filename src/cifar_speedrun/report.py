@@ -1,6 +1,8 @@
-"""Multirun directory -> a table of mean ± 95% CI over seeds, a time-vs-accuracy plot, Welch's t-test.
+"""Multirun directories (or a per-run CSV) -> a table of mean ± 95% CI over seeds, a plot, Welch's t-test.
 
-    python -m cifar_speedrun.report logs/train/multiruns/<time> [--compare A B] [--wandb]
+    python -m cifar_speedrun.report logs/train/multiruns/<time> [more dirs] [--compare A B] [--wandb]
+    python -m cifar_speedrun.report <dirs> --export-runs results/runs.csv   # one row per run, to commit
+    python -m cifar_speedrun.report results/runs.csv                        # the table again, from that CSV
 
 Page's warning (part 8): one run's test accuracy has sd ≈ 0.15%, larger than most single tricks'
 effect, so a comparison means nothing without the spread over seeds. Runs are grouped by their
@@ -39,6 +41,16 @@ class Run:
     target_acc: float | None
     seed: Any
     error: str | None
+    epochs: int | None = None
+    width: float | None = None
+    data: str | None = None
+    device: str | None = None
+    commit: str | None = None
+
+
+# One row per run: what a results/ CSV holds, enough to rebuild the table and audit each run.
+RUN_COLUMNS = ["configuration", "seed", "status", "test_acc", "train_seconds", "time_to_target", "target_acc",
+               "epochs", "width", "data", "device", "commit", "job", "error"]
 
 
 @dataclass
@@ -117,6 +129,18 @@ def _job_number(path: Path, root: Path) -> int:
     return 10**9
 
 
+def _run_from_result(result: dict[str, Any], path: Path, job: int) -> Run:
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    return Run(
+        path=path, job=job, status=str(result.get("status")), config_key=_config_key(result),
+        test_acc=result.get("test_acc"), train_seconds=result.get("train_seconds"),
+        time_to_target=result.get("time_to_target"), target_acc=result.get("target_acc"), seed=result.get("seed"),
+        error=result.get("error"), epochs=result.get("epochs"), width=model.get("width"),
+        data=result.get("data_source"), device=result.get("device"), commit=result.get("git_commit"),
+    )
+
+
 def load_runs(multirun_dir: str | Path) -> list[Run]:
     root = Path(multirun_dir)
     if not root.is_dir():
@@ -129,13 +153,55 @@ def load_runs(multirun_dir: str | Path) -> list[Run]:
             runs.append(Run(path, _job_number(path, root), "unreadable", str(path.parent.name), None, None, None,
                             None, None, f"{type(error).__name__}: {error}"))
             continue
-        runs.append(Run(
-            path=path, job=_job_number(path, root), status=str(result.get("status")),
-            config_key=_config_key(result), test_acc=result.get("test_acc"),
-            train_seconds=result.get("train_seconds"), time_to_target=result.get("time_to_target"),
-            target_acc=result.get("target_acc"), seed=result.get("seed"), error=result.get("error"),
-        ))
+        runs.append(_run_from_result(result, path, _job_number(path, root)))
     return sorted(runs, key=lambda r: (r.job, str(r.path)))
+
+
+def _number(text: str | None) -> float | None:
+    return None if text in (None, "") else float(text)
+
+
+def load_runs_csv(path: str | Path) -> list[Run]:
+    """Runs as written by `write_runs_csv`, in file order (the order the table shows them)."""
+    runs = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            seed = row.get("seed")
+            runs.append(Run(
+                path=Path(path), job=int(row.get("job") or len(runs)), status=row.get("status") or "ok",
+                config_key=row["configuration"], test_acc=_number(row.get("test_acc")),
+                train_seconds=_number(row.get("train_seconds")), time_to_target=_number(row.get("time_to_target")),
+                target_acc=_number(row.get("target_acc")), seed=int(seed) if seed not in (None, "") else None,
+                error=row.get("error") or None, epochs=int(row["epochs"]) if row.get("epochs") else None,
+                width=_number(row.get("width")), data=row.get("data") or None, device=row.get("device") or None,
+                commit=row.get("commit") or None,
+            ))
+    return runs
+
+
+def load_sources(sources: Sequence[str | Path]) -> list[Run]:
+    """Runs from multirun dirs and/or per-run CSVs, in the order given (each dir in its sweep's order)."""
+    runs: list[Run] = []
+    for source in sources:
+        path = Path(source)
+        if path.suffix == ".csv" and path.is_file():
+            runs += load_runs_csv(path)
+        else:
+            runs += load_runs(path)
+    return runs
+
+
+def write_runs_csv(runs: list[Run], path: str | Path) -> None:
+    """One row per run (configuration, seed, accuracy, seconds, width, data, commit, ...): small enough to
+    commit, complete enough for `report <csv>` to rebuild the table."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(RUN_COLUMNS)
+        for run in runs:
+            writer.writerow([run.config_key, run.seed, run.status, run.test_acc, run.train_seconds,
+                             run.time_to_target, run.target_acc, run.epochs, run.width, run.data, run.device,
+                             run.commit, run.job, run.error or ""])
 
 
 def group_runs(runs: list[Run]) -> list[Row]:
@@ -177,6 +243,16 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
             for label, row in zip(labels, rows, strict=True)]
 
 
+def _describe(runs: list[Run]) -> str:
+    """What every accuracy in the table depends on: the data, the width, the device, the code."""
+    def values(attribute: str) -> str:
+        seen = sorted({str(getattr(run, attribute)) for run in runs if getattr(run, attribute) is not None})
+        return ", ".join(seen) or "–"
+
+    return (f"Data: {values('data')}. Width: {values('width')}. Device: {values('device')}. "
+            f"Commit: {values('commit')}.")
+
+
 def markdown(rows: list[Row], runs: list[Run], source: str) -> str:
     body = table_rows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -184,6 +260,7 @@ def markdown(rows: list[Row], runs: list[Run], source: str) -> str:
     common = set(rows[0].config.split()).intersection(*[r.config.split() for r in rows[1:]]) if rows else set()
     text = [f"# Report: {source}", "", f"{len(runs)} runs, {sum(len(r.runs) for r in rows)} ok, "
             f"{sum(len(r.failed) for r in rows)} failed. Shared settings: {' '.join(sorted(common)) or '–'}.",
+            _describe(runs),
             "95% CI: Student-t half-width of the mean over seeds; target: results' target_acc.", "", *lines]
     failed = [run for row in rows for run in row.failed]
     if failed:
@@ -256,36 +333,57 @@ def upload_to_wandb(rows: list[Row], source: str, project: str) -> None:
     run.finish()
 
 
-def report(multirun_dir: str | Path, compare_pair: Sequence[str] | None = None, to_wandb: bool = False,
-           project: str = "cifar-speedrun") -> str:
-    root = Path(multirun_dir)
-    runs = load_runs(root)
+def output_prefix(sources: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Where report.md/.csv/.png go: --out, else the (first) multirun dir, else beside the runs CSV."""
+    if out is not None:
+        return Path(out) / "report"
+    first = Path(sources[0])
+    if first.suffix == ".csv" and first.is_file():
+        return first.with_name(f"{first.stem}-report")
+    return first / "report"
+
+
+def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[str] | None = None,
+           to_wandb: bool = False, project: str = "cifar-speedrun", out: str | Path | None = None,
+           export_runs: str | Path | None = None) -> str:
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    runs = load_sources(sources)
     if not runs:
-        raise FileNotFoundError(f"no results.json under {root}: is it a multirun dir of this project?")
+        raise FileNotFoundError(f"no results.json under {', '.join(map(str, sources))}: is it a multirun dir "
+                                "of this project?")
     rows = group_runs(runs)
-    text = markdown(rows, runs, str(root))
+    label = " + ".join(str(source) for source in sources)
+    text = markdown(rows, runs, label)
     if compare_pair:
         text += "\n" + compare(rows, *compare_pair) + "\n"
-    (root / "report.md").write_text(text)
-    write_csv(rows, root / "report.csv")
+    prefix = output_prefix(sources, out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".md").write_text(text)
+    write_csv(rows, prefix.with_suffix(".csv"))
     if any(row.n for row in rows):
-        plot(rows, root / "report.png")
+        plot(rows, prefix.with_suffix(".png"))
+    if export_runs:
+        write_runs_csv(runs, export_runs)
     if to_wandb:
-        upload_to_wandb(rows, str(root), project)
+        upload_to_wandb(rows, label, project)
     return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("multirun_dir")
+    parser.add_argument("sources", nargs="+", metavar="DIR_OR_CSV",
+                        help="multirun dirs (merged, in this order) or a per-run CSV written by --export-runs")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="Welch t-test between two rows (row number, or a unique part of the overrides)")
+    parser.add_argument("--export-runs", metavar="CSV", help="also write one row per run to this CSV")
+    parser.add_argument("--out", metavar="DIR", help="write report.md/.csv/.png here (default: the first dir, "
+                        "or beside the runs CSV)")
     parser.add_argument("--wandb", action="store_true", help="upload the table to W&B as a wandb.Table")
     parser.add_argument("--project", default="cifar-speedrun")
     args = parser.parse_args(argv)
     try:
-        print(report(args.multirun_dir, args.compare, args.wandb, args.project), end="")
-    except (FileNotFoundError, ValueError) as error:
+        print(report(args.sources, args.compare, args.wandb, args.project, args.out, args.export_runs), end="")
+    except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
