@@ -1,4 +1,4 @@
-"""Callbacks: honest training time, time-to-target, results.json, and the EMA of the weights."""
+"""Callbacks: honest training time, time-to-target, the lr, results.json, model.pt, and the EMA of the weights."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class TrainTimer(Callback):
         self.epoch_to_target: int | None = None
         self.epochs_completed = 0
         self._started: float | None = None
+        self._seconds_at_epoch_start = 0.0
 
     def _start(self, module: L.LightningModule) -> None:
         _synchronize(module.device)
@@ -53,6 +54,7 @@ class TrainTimer(Callback):
             self._started = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seconds_at_epoch_start = self.train_seconds
         self._start(pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -61,6 +63,10 @@ class TrainTimer(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop(pl_module)
         self.epochs_completed += 1
+        epoch_seconds = self.train_seconds - self._seconds_at_epoch_start
+        for logger in trainer.loggers:  # plain floats: no device sync
+            logger.log_metrics({"time/epoch_seconds": epoch_seconds, "time/train_seconds": self.train_seconds},
+                               step=trainer.global_step)
         # The epoch's train metrics join its history entry now, before the checkpoint is saved
         # (checkpointing runs after these hooks), so a resumed run's history is complete too.
         summary = getattr(pl_module, "epoch_train_metrics", None)
@@ -90,6 +96,58 @@ class TrainTimer(Callback):
         self.time_to_target = state_dict["time_to_target"]
         self.epoch_to_target = state_dict["epoch_to_target"]
         self.epochs_completed = state_dict.get("epochs_completed", len(self.history))
+
+
+class LearningRateLogger(Callback):
+    """The learning rate of every parameter group (lr/weights, lr/biases), every `every_n_steps` steps.
+
+    Read from the optimizer's param_groups, which hold Python floats: unlike Lightning's
+    LearningRateMonitor, which turns each value into a tensor on the device, it never waits on it.
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step  # optimizer steps taken, this one included
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if step != 1 and step % max(1, every):
+            return
+        values = {}
+        for optimizer in trainer.optimizers:
+            for index, group in enumerate(optimizer.param_groups):
+                values[f"lr/{group.get('name') or f'group{index}'}"] = float(group["lr"])
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+
+
+class ModelFileWriter(Callback):
+    """At the end of fit, `model.pt`: the trained network, self-contained (model_file.py says how to use it).
+
+    Written after the EMA callback has copied the averaged weights in, so it holds what was evaluated.
+    """
+
+    def __init__(self, output_dir: str, filename: str = "model.pt") -> None:
+        self.path = storage.join(output_dir, filename)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from cifar_speedrun.data import CIFAR10_CLASSES
+        from cifar_speedrun.model_file import save_model_file
+
+        if not trainer.is_global_zero:
+            return
+        run_config = dict(pl_module.hparams.get("run_config") or {})
+        model_config = (run_config.get("config") or {}).get("model")
+        datamodule = trainer.datamodule
+        if model_config is None or datamodule is None:
+            return
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, TrainTimer)), None)
+        about = {"test_acc": timer.history[-1]["test_acc"] if timer and timer.history else None,
+                 "epochs": trainer.current_epoch, "seed": run_config.get("seed"),
+                 "tricks": run_config.get("tricks", []), "data": run_config.get("data_source")}
+        save_model_file(self.path, pl_module.net, model_config, datamodule.mean, datamodule.std, CIFAR10_CLASSES,
+                        getattr(pl_module, "tta", None), about)
 
 
 def git_commit(directory: str | os.PathLike[str]) -> str | None:
@@ -150,6 +208,8 @@ class ResultsWriter(Callback):
             "effective_optim": getattr(module, "effective", None),
             "warmup_seconds": getattr(module, "warmup_seconds", None),
             "data_source": run_config.get("data_source"),
+            "run_keys": run_config.get("run_keys"),
+            "wandb_group": run_config.get("wandb_group"),
             "device": device_name(module.device),
             "precision": str(trainer.precision),
             "world_size": trainer.world_size,

@@ -18,7 +18,7 @@ from cifar_speedrun.errors import UserError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
 CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
-                    "experiment", "stage", "sweep")
+                    "experiment", "stage", "sweep", "debug")
 
 
 def available_options(group: str) -> list[str]:
@@ -59,7 +59,7 @@ def _one_line(message: str) -> str:
     return " ".join(kept).replace("..", ".")
 
 
-def check_composition(args: list[str]) -> None:
+def check_composition(args: list[str], config_name: str = "train") -> None:
     """Compose the config the first job would get, so a typo fails in one line before Hydra starts.
 
     Hydra reports composition errors (a misspelled key, a bad value) over several lines plus a
@@ -82,7 +82,7 @@ def check_composition(args: list[str]) -> None:
         first = jobs[0][0] if jobs and jobs[0] else overrides
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = compose("train", overrides=list(first), return_hydra_config=True)
+            cfg = compose(config_name, overrides=list(first), return_hydra_config=True)
         from hydra.core.hydra_config import HydraConfig
 
         HydraConfig.instance().set_config(cfg)
@@ -124,23 +124,28 @@ def wandb_group(task_name: str) -> str | None:
     return f"{task_name}-{sweep}-{Path(str(hydra_cfg.sweep.dir)).name}"
 
 
-def job_name(task_name: str) -> str:
-    """W&B run name: the job's overrides (hydra.job.override_dirname), or the task name alone."""
-    from hydra.core.hydra_config import HydraConfig
+def run_name_resolver(*, _root_: DictConfig) -> str:
+    """W&B run name: what differs between jobs first (tracking.run_name); works in single runs too."""
+    from cifar_speedrun.tracking import job_overrides, run_name
 
-    try:
-        job = HydraConfig.get().job
-    except ValueError:
-        return task_name
-    return f"{job.num}:{job.override_dirname}" if job.override_dirname else task_name
+    return run_name(job_overrides(), _root_.get("seed"))
+
+
+def run_tags_resolver(*, _root_: DictConfig) -> list[str]:
+    """W&B tags: the applied tricks, then the user's own `tags=[...]`."""
+    tricks = list(_root_.get("applied_tricks") or {})
+    own = [str(tag) for tag in (_root_.get("tags") or [])]
+    return tricks + [tag for tag in own if tag not in tricks]
 
 
 def register_resolvers() -> None:
-    for name, function in (("wandb_group", wandb_group), ("job_name", job_name)):
+    from cifar_speedrun.tracking import is_terminal
+
+    resolvers = {"wandb_group": wandb_group, "run_name": run_name_resolver, "run_tags": run_tags_resolver,
+                 "auto_mixed_precision": auto_mixed_precision, "is_terminal": is_terminal}
+    for name, function in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
-    if not OmegaConf.has_resolver("auto_mixed_precision"):
-        OmegaConf.register_new_resolver("auto_mixed_precision", auto_mixed_precision)
 
 
 def _positive_int(cfg: DictConfig, key: str, hint: str) -> int:

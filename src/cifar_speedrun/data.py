@@ -42,6 +42,8 @@ CIFAR10_CLASSES = (
 # times 255).
 PAGE_MEAN = (125.31, 122.95, 113.87)
 PAGE_STD = (62.99, 62.09, 66.70)
+# Decoding 60,000 JPEGs takes ~30 s: say how far it is, a line every this many images.
+PROGRESS_EVERY = 10_000
 # Bump when the cache file layout changes, so old caches are rebuilt instead of misread.
 CACHE_FORMAT = 1
 
@@ -149,9 +151,13 @@ def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     images: list[np.ndarray] = []
     labels: list[int] = []
-    for label, name in enumerate(CIFAR10_CLASSES):
-        files = sorted(p for p in (split_dir / name).iterdir() if p.is_file())
+    per_class = [sorted(p for p in (split_dir / name).iterdir() if p.is_file()) for name in CIFAR10_CLASSES]
+    total, start = sum(len(files) for files in per_class), time.perf_counter()
+    for label, files in enumerate(per_class):
         for file in files:
+            if len(images) % PROGRESS_EVERY == 0 and len(images):
+                print(f"[data] decoding {split_dir.name}: {len(images):,} / {total:,} images "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
             try:
                 with Image.open(io.BytesIO(file.read_bytes())) as image:
                     image.load()
@@ -182,6 +188,7 @@ def _load_image_folder(path: str, scratch_dir: Path) -> dict[str, np.ndarray]:
 
         scratch_dir.mkdir(parents=True, exist_ok=True)
         cleanup = Path(tempfile.mkdtemp(prefix="extract-", dir=scratch_dir))
+        print(f"[data] first use of {location.name}: extracting and decoding it once into a uint8 cache", flush=True)
         try:
             extract_archive(str(location), str(cleanup))
         except Exception as error:
@@ -494,6 +501,7 @@ class Cifar10DataModule(L.LightningDataModule):
         self.std: list[float] = list(PAGE_STD)
         self.train_images: torch.Tensor | None = None  # standardized, unpadded: for whitening etc.
         self._train_batches: AugmentedBatches | None = None
+        self.num_train_images = self.num_test_images = 0  # known after setup
         self._pending_state: dict[str, Any] | None = None
         self._uint8: Cifar10Uint8 | None = None
 
@@ -524,6 +532,7 @@ class Cifar10DataModule(L.LightningDataModule):
             test_x, test_y = test_x[index], test_y[index]
         if self.normalize == "computed":
             self.mean, self.std = channel_stats(data.train_x)
+        self.num_train_images, self.num_test_images = len(train_y), len(test_y)
         device = self._device()
         # Half precision only where it pays: CUDA (tensor cores); the CPU path keeps fp32 inputs.
         dtype = torch.float16 if self.half_precision and device.type == "cuda" else torch.float32

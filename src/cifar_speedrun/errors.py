@@ -9,3 +9,13 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem in the user's config, data or environment, with the fix in its message."""
+
+
+def find_user_error(error: BaseException) -> UserError | None:
+    """Hydra's instantiate wraps exceptions; find a UserError anywhere in the cause chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

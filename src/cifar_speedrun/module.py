@@ -183,7 +183,7 @@ class SpeedrunModule(L.LightningModule):
         epochs: float | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net"], logger=False)  # the run logs its Hydra config itself
         knots = list(optim["schedule"]["epochs"])
         if epochs is None and any(isinstance(k, str) for k in knots):
             raise UserError(f"optim.schedule.epochs={knots} is written in `epochs`: give the run's epochs too")

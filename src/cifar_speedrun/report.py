@@ -46,6 +46,7 @@ class Run:
     data: str | None = None
     device: str | None = None
     commit: str | None = None
+    wandb_group: str | None = None
 
 
 # One row per run: what a results/ CSV holds, enough to rebuild the table and audit each run.
@@ -138,6 +139,7 @@ def _run_from_result(result: dict[str, Any], path: Path, job: int) -> Run:
         time_to_target=result.get("time_to_target"), target_acc=result.get("target_acc"), seed=result.get("seed"),
         error=result.get("error"), epochs=result.get("epochs"), width=model.get("width"),
         data=result.get("data_source"), device=result.get("device"), commit=result.get("git_commit"),
+        wandb_group=result.get("wandb_group"),
     )
 
 
@@ -231,16 +233,24 @@ def _secs(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.1f}"
 
 
-COLUMNS = ["configuration", "n", "mean acc %", "std %", "95% CI ± %", "≥ target", "median train s",
+COLUMNS = ["#", "configuration", "n", "mean acc %", "std %", "95% CI ± %", "≥ target", "median train s",
            "median time-to-target s", "failed"]
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
     labels = _short_labels(rows)
-    return [[label, str(row.n), _pct(row.mean), _pct(row.std), _pct(row.ci95),
+    return [[str(number), label, str(row.n), _pct(row.mean), _pct(row.std), _pct(row.ci95),
              "–" if math.isnan(row.fraction_reaching_target) else f"{row.fraction_reaching_target:.0%}",
              _secs(row.median_train_seconds), _secs(row.median_time_to_target), str(len(row.failed))]
-            for label, row in zip(labels, rows, strict=True)]
+            for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1)]
+
+
+def numeric_rows(rows: list[Row]) -> list[list[Any]]:
+    """The table with numbers as numbers (NaN where there is none), for W&B's sortable tables."""
+    labels = _short_labels(rows)
+    return [[number, label, row.n, 100 * row.mean, 100 * row.std, 100 * row.ci95,
+             row.fraction_reaching_target, row.median_train_seconds, row.median_time_to_target, len(row.failed)]
+            for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1)]
 
 
 def _describe(runs: list[Run]) -> str:
@@ -279,29 +289,50 @@ def write_csv(rows: list[Row], path: Path) -> None:
                              row.median_train_seconds, row.median_time_to_target, len(row.failed)])
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    """Page's picture: accuracy (mean ± 95% CI) against median training time, one labelled point a config."""
+def plot(rows: list[Row], path: Path) -> tuple[float, float]:
+    """Page's picture: accuracy (mean ± 95% CI) against median training time.
+
+    Points carry the table's row numbers; the legend says which configuration and n each is, so
+    labels never overlap the data even with Page's 8 rows. When the rows are stages (a table like
+    Page's), they are joined in order. The accuracy axis stays within [0, 100]; returns its limits.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = _short_labels(rows)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for label, row in zip(labels, rows, strict=True):
-        if row.n == 0:
-            continue
-        error = 0 if math.isnan(row.ci95) else 100 * row.ci95
-        ax.errorbar(row.median_train_seconds, 100 * row.mean, yerr=error, fmt="o", capsize=4)
-        ax.annotate(label if len(label) < 60 else label[:57] + "…", (row.median_train_seconds, 100 * row.mean),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    shown = [(number, label, row) for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1)
+             if row.n > 0 and not math.isnan(row.median_train_seconds)]
+    if shown and all("stage=" in label for _, label, _ in shown):
+        ax.plot([row.median_train_seconds for _, _, row in shown], [100 * row.mean for _, _, row in shown],
+                color="0.7", linewidth=1, zorder=1)
+    lows, highs = [], []
+    for index, (number, label, row) in enumerate(shown):
+        mean = 100 * row.mean
+        error = 0.0 if math.isnan(row.ci95) else 100 * row.ci95
+        low, high = max(0.0, mean - error), min(100.0, mean + error)
+        lows.append(low)
+        highs.append(high)
+        text = label if len(label) <= 48 else label[:47] + "…"
+        ax.errorbar(row.median_train_seconds, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=4,
+                    zorder=2, label=f"{number}: {text} (n={row.n})")
+        ax.annotate(str(number), (row.median_train_seconds, mean), textcoords="offset points",
+                    xytext=(7, 5 if index % 2 == 0 else -11), fontsize=9, fontweight="bold")
+    if shown:
+        span = max(highs) - min(lows)
+        ax.set_ylim(max(0.0, min(lows) - 0.15 * span - 0.5), min(100.0, max(highs) + 0.15 * span + 0.5))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel("median training time (s, evaluation excluded)")
     ax.set_ylabel("test accuracy (%), mean ± 95% CI over seeds")
     ax.set_title("time vs accuracy")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    limits = ax.get_ylim()
     plt.close(fig)
+    return limits
 
 
 def find_row(rows: list[Row], name: str) -> Row:
@@ -316,20 +347,36 @@ def find_row(rows: list[Row], name: str) -> Row:
     return matches[0]
 
 
-def compare(rows: list[Row], first: str, second: str) -> str:
+def compare(rows: list[Row], first: str, second: str, level: float = 0.05) -> str:
+    """Welch's t-test of two rows, in numbers and in words."""
     a, b = find_row(rows, first), find_row(rows, second)
+    labels = dict(zip((id(row) for row in rows), _short_labels(rows), strict=True))
+    number = {id(row): index for index, row in enumerate(rows, start=1)}
     t, dof, p = welch_t_test(a.accuracies, b.accuracies)
-    return (f"Welch t-test: {a.config} ({_pct(a.mean)}%, n={a.n}) vs {b.config} ({_pct(b.mean)}%, n={b.n}): "
-            f"difference {_pct(a.mean - b.mean)} points, t = {t:.3f}, dof = {dof:.1f}, p = {p:.4g}")
+    verdict = (f"significant at the {level:.0%} level" if p < level else
+               f"not significant at the {level:.0%} level: the rows may not differ; more seeds would tell")
+    return (f"Row {number[id(a)]} ({labels[id(a)]}: {_pct(a.mean)}%, n={a.n}) vs row {number[id(b)]} "
+            f"({labels[id(b)]}: {_pct(b.mean)}%, n={b.n}): difference {_pct(a.mean - b.mean)} points, "
+            f"Welch t = {t:.3f}, dof = {dof:.1f}, p = {p:.4g}: {verdict}.")
 
 
-def upload_to_wandb(rows: list[Row], source: str, project: str) -> None:
+def wandb_group_of(runs: list[Run], fallback: str) -> str:
+    """The W&B group the training jobs logged to (recorded in their results.json), so the report joins it."""
+    groups = [run.wandb_group for run in runs if run.wandb_group]
+    return groups[0] if groups else fallback
+
+
+def upload_to_wandb(rows: list[Row], runs: list[Run], source: str, project: str, folder: Path,
+                    image: Path | None) -> None:
     import wandb
 
-    run = wandb.init(project=project, job_type="report", name=f"report-{Path(source).name}",
-                     group=Path(source).name)
-    table = wandb.Table(columns=COLUMNS, data=table_rows(rows))
-    run.log({"report": table})
+    group = wandb_group_of(runs, f"report-{Path(source).name}")
+    run = wandb.init(project=project, job_type="report", name=f"report · {group}", group=group, dir=str(folder))
+    table = wandb.Table(columns=COLUMNS, data=numeric_rows(rows))
+    payload: dict[str, Any] = {"report": table}
+    if image is not None and image.is_file():
+        payload["report_plot"] = wandb.Image(str(image))
+    run.log(payload)
     run.finish()
 
 
@@ -365,7 +412,8 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
     if export_runs:
         write_runs_csv(runs, export_runs)
     if to_wandb:
-        upload_to_wandb(rows, label, project)
+        image = prefix.with_suffix(".png")
+        upload_to_wandb(rows, runs, label, project, prefix.parent, image if image.is_file() else None)
     return text
 
 

@@ -93,6 +93,22 @@ def load_tensors(path: str) -> dict[str, Any]:
     return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
 
 
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A Lightning checkpoint's contents, loaded as data only (weights_only: a handed file runs no code)."""
+    from cifar_speedrun.errors import UserError
+
+    try:
+        blob = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as error:
+        raise UserError(f"{path} is not a readable checkpoint of this project ({type(error).__name__}): it is "
+                        "torn, foreign or not a checkpoint; give a <run>/checkpoints/last.ckpt") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict): give a <run>/checkpoints/last.ckpt")
+    return blob
+
+
 def write_json_atomic(obj: Any, path: str) -> None:
     write_bytes_atomic((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
 

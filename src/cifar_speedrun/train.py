@@ -21,9 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import storage
+from cifar_speedrun import storage, tracking
 from cifar_speedrun.callbacks import ResultsWriter
-from cifar_speedrun.errors import UserError
+from cifar_speedrun.errors import UserError, find_user_error
 from cifar_speedrun.module import SpeedrunModule
 
 
@@ -74,6 +74,15 @@ def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
     if ckpt_path and not storage.exists(str(ckpt_path)):
         raise UserError(f"ckpt_path={ckpt_path} does not exist: give the path of a .ckpt file "
                         "(e.g. <run>/checkpoints/last.ckpt)")
+    if ckpt_path:
+        checkpoint = storage.load_checkpoint(str(ckpt_path))
+        finished = int(checkpoint.get("epoch", -1)) + 1
+        if finished >= int(cfg.epochs):
+            raise UserError(
+                f"ckpt_path={ckpt_path} is from a run that already trained {finished} epochs (epochs={cfg.epochs}): "
+                f"nothing is left to train. Evaluate it with `python eval.py ckpt_path={ckpt_path}`, or set "
+                "epochs higher to train on"
+            )
     return str(ckpt_path) if ckpt_path else None
 
 
@@ -86,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"cannot write to the output dir {cfg.paths.output_dir} ({error.strerror or error}): "
                         "choose a writable hydra.run.dir / paths.output_dir") from error
     ckpt_path = _checkpoint_to_resume(cfg)
+    tracking.check_wandb(cfg)
     overrides, _ = _hydra_context()
     tricks = list(cfg.get("applied_tricks") or {})
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -94,12 +104,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     net: torch.nn.Module = instantiate(cfg.model)
     _warn_if_full_width_on_cpu(cfg, net)
+    keys = tracking.run_keys(cfg, parameters=sum(p.numel() for p in net.parameters()))
     run_config = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seed": int(cfg.seed),
         "tricks": tricks,
         "overrides": overrides,
         "data_source": _describe_data(cfg),
+        "run_keys": keys,
+        "wandb_group": config_lib.wandb_group(str(cfg.task_name)),
     }
     module = SpeedrunModule(
         net=net,
@@ -121,17 +134,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
           f"{eff['schedule_factors']}; tricks: {', '.join(tricks) or 'none'}; data: {run_config['data_source']}",
           flush=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(tracking.StartLine(cfg, tricks, str(cfg.paths.output_dir)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
+        if trainer.is_global_zero:
+            tracking.log_run_config(loggers, cfg, keys)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # on_fit_end already wrote results.json; reuse that record instead of writing it again
         writer = next(cb for cb in callbacks if isinstance(cb, ResultsWriter))
         result = writer.result or writer.record(trainer, module, "ok")
         final = {f"final/{key}": float(result[key]) for key in ("test_acc", "train_seconds", "time_to_target")
                  if result.get(key) is not None}
-        for logger in loggers:
-            logger.log_metrics(final, step=trainer.global_step)
+        if trainer.is_global_zero:
+            tracking.log_final(loggers, final, trainer.global_step)
+            print(tracking.end_line(result, writer.path), flush=True)
         return result
     finally:
         _finish_loggers(loggers)
@@ -158,21 +175,16 @@ def _record_failure(cfg: DictConfig, error: BaseException) -> None:
 
 
 def _finish_loggers(loggers: list[Any]) -> None:
+    """Close W&B; a failure there loses nothing (results.json is already written) and says so."""
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
-
-
-def _user_error_in(error: BaseException) -> UserError | None:
-    """Hydra's instantiate wraps exceptions; find a UserError anywhere in the cause chain."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+            try:
+                wandb.finish()
+            except Exception as error:  # network gone mid-run, disk full in the offline folder, ...
+                print(f"warning: W&B could not finish ({type(error).__name__}: {error}); results.json is written. "
+                      "Next time set WANDB_MODE=offline and upload with `wandb sync`", file=sys.stderr)
 
 
 def _release_memory() -> None:
@@ -192,7 +204,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         _record_failure(cfg, error)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        user_error = _user_error_in(error)
+        user_error = find_user_error(error)
         if user_error is not None:
             print(f"error: {user_error}", file=sys.stderr, flush=True)
             if not multirun:
@@ -212,6 +224,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry: quick checks of the command line, then Hydra."""
     config_lib.register_resolvers()
+    tracking.quiet_console()
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
@@ -219,7 +232,7 @@ def main() -> None:
     try:
         config_lib.check_group_overrides(sys.argv[1:])
         if not os.environ.get("HYDRA_FULL_ERROR"):
-            config_lib.check_composition(sys.argv[1:])
+            config_lib.check_composition(sys.argv[1:], "train")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
