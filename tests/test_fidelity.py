@@ -252,3 +252,6 @@ def test_cpu_proxy_keeps_the_full_training_set_and_the_recipe(compose_cfg) -> No
     assert final.trainer.precision == "32-true", "fp32 on a CPU without bf16 units"
     assert math.isclose(final.optim.lr, 1.0) and list(final.optim.schedule.epochs) == [0, "epochs/5", "epochs - 2"]
     assert compose_cfg("experiment=cpu_proxy", "data.source=image_folder").data.source == "image_folder"
+    # a trick after the experiment (the leave-one-out sweep's lists) keeps the proxy in fp32
+    assert compose_cfg("experiment=cpu_proxy", "+trick=mixed_precision").trainer.precision == "32-true"
+    assert compose_cfg("+trick=mixed_precision", "trainer=cpu").trainer.precision == "bf16-mixed"

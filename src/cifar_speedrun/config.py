@@ -101,12 +101,12 @@ def check_composition(args: list[str], config_name: str = "train") -> None:
                         "set hydra.run.dir (or hydra.sweep.dir) to a writable folder") from None
 
 
-def auto_mixed_precision(accelerator: str) -> str:
-    """fp16 autocast (with a GradScaler) on CUDA, where tensor cores make it pay; bf16 on the CPU."""
+def auto_mixed_precision(accelerator: str, on_cpu: str = "bf16-mixed") -> str:
+    """fp16 autocast (with a GradScaler) on CUDA, where tensor cores make it pay; `on_cpu` on a CPU."""
     import torch
 
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "16-mixed" if on_cuda else "bf16-mixed"
+    return "16-mixed" if on_cuda else str(on_cpu)
 
 
 def wandb_group(task_name: str) -> str | None:
