@@ -96,7 +96,8 @@ def test_several_multirun_dirs_merge_in_the_order_given(tmp_path: Path) -> None:
         _write(second, job, "experiment=cpu_proxy stage=s0_baseline", job, acc)
     text = report_lib.report([second, first], out=tmp_path / "both")
     rows = [line for line in text.splitlines() if "| stage=" in line]
-    assert rows[0].startswith("| 1 | stage=s0_baseline | 3 | 79.00") and rows[1].startswith("| 2 | stage=s7_tta | 2 | 80.50")
+    assert rows[0].startswith("| 1 | stage=s0_baseline | 3 | 79.00")
+    assert rows[1].startswith("| 2 | stage=s7_tta | 2 | 80.50")
     assert (tmp_path / "both" / "report.md").is_file() and not (second / "report.md").exists()
 
 

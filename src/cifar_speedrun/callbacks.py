@@ -180,6 +180,7 @@ class ResultsWriter(Callback):
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._commit: str | None = None
         self.result: dict[str, Any] | None = None  # the last record written
+        self.write_error: Exception | None = None
 
     def _timer(self, trainer: L.Trainer) -> TrainTimer | None:
         return next((cb for cb in trainer.callbacks if isinstance(cb, TrainTimer)), None)
@@ -234,9 +235,14 @@ class ResultsWriter(Callback):
         self.record(trainer, pl_module, "ok")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        line = str(exception).strip().splitlines()[0] if str(exception).strip() else ""
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
-        self.record(trainer, pl_module, status, f"{type(exception).__name__}: {line}")
+        from cifar_speedrun.errors import describe
+        from cifar_speedrun.interrupts import RunInterrupted
+
+        status = "interrupted" if isinstance(exception, (KeyboardInterrupt, RunInterrupted)) else "failed"
+        try:
+            self.record(trainer, pl_module, status, describe(exception))
+        except Exception as error:  # e.g. the disk is full: keep the original error; train.py says what the file holds
+            self.write_error = error
 
 
 class EMA(WeightAveraging):

@@ -28,6 +28,32 @@ def available_options(group: str) -> list[str]:
     return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
 
 
+# Hydra's flags that take a value: the value is not an override.
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+
+
+def check_arguments(args: list[str]) -> None:
+    """Every command-line word is a flag, a flag's value, or key=value (or ~key to delete one).
+
+    An unquoted path with a space arrives as two words (`data.path=/my` and `data/cifar.tar.gz`);
+    Hydra's own message for the second is a parse error that does not say why.
+    """
+    after_flag = False
+    for arg in args:
+        if after_flag:
+            after_flag = False
+            continue
+        if arg.startswith("-"):
+            after_flag = arg in _FLAGS_WITH_VALUE
+            continue
+        if "=" not in arg and not arg.startswith("~"):
+            raise UserError(
+                f"{arg!r} is not an override (key=value): if it is the rest of a value with a space, quote the "
+                f"whole override, e.g. 'data.path=/my data/cifar10.tar.gz'"
+            )
+
+
 _GROUP_OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<group>[a-z_]+)=(?P<value>.*)$")
 
 
@@ -148,28 +174,17 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function)
 
 
-def _positive_int(cfg: DictConfig, key: str, hint: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{key}={value!r} must be a positive integer; {hint}")
-    return value
-
-
 def validate(cfg: DictConfig) -> None:
-    """Refuse impossible settings and combinations before anything is built."""
-    batch = _positive_int(cfg, "data.batch_size", "Page uses data.batch_size=512")
-    _positive_int(cfg, "data.eval_batch_size", "e.g. data.eval_batch_size=1000")
-    epochs = _positive_int(cfg, "epochs", "e.g. epochs=24 (Page's baseline) or epochs=10 (his final)")
-    width = cfg.model.get("width")
-    if not isinstance(width, (int, float)) or isinstance(width, bool) or width <= 0:
-        raise UserError(f"model.width={width!r} must be a number > 0 (1.0 is DavidNet; 0.25 for CPU runs)")
-    for key in ("optim.lr", "optim.weight_decay"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{key}={value!r} must be a number >= 0")
-    momentum = cfg.optim.momentum
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise UserError(f"optim.momentum={momentum!r} must be in [0, 1); Page uses 0.9")
+    """Refuse impossible settings and combinations before anything is built or loaded.
+
+    First the schema (schema.py: every key known, typed and in range), then the rules that tie keys
+    together.
+    """
+    from cifar_speedrun import schema
+
+    schema.check(cfg)
+    batch = int(cfg.data.batch_size)
+    epochs = int(cfg.epochs)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs != epochs:
         raise UserError(
@@ -196,20 +211,17 @@ def validate(cfg: DictConfig) -> None:
             f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or write the knots in `epochs` "
             "(e.g. [0,epochs/5,epochs])"
         )
-    label_smoothing = cfg.loss.label_smoothing
-    if not 0 <= label_smoothing < 1:
-        raise UserError(f"loss.label_smoothing={label_smoothing} must be in [0, 1); Page uses 0.2")
     devices = cfg.trainer.get("devices", 1)
     world = devices if isinstance(devices, int) and devices > 0 else 1
     num_nodes = cfg.trainer.get("num_nodes", 1) or 1
     world *= num_nodes
     if batch % world:
         raise UserError(f"data.batch_size={batch} is not divisible by the {world} devices: use a multiple of {world}")
-    norm = cfg.model.norm
-    if norm.kind == "ghost":
+    norm = cfg.model.get("norm") or {}
+    if norm.get("kind") == "ghost":
         splits = norm.ghost_splits
         per_rank = batch // world
-        if not isinstance(splits, int) or splits <= 0 or per_rank % splits:
+        if per_rank % splits:
             raise UserError(
                 f"ghost_bn splits each batch into model.norm.ghost_splits={splits}, but the per-device batch is "
                 f"{per_rank}: use a batch size divisible by {splits} (Page: 512 = 16 x 32)"
@@ -218,11 +230,14 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             "data.source=image_folder needs data.path=/path/to/cifar10.tar.gz (or export CIFAR10_ARCHIVE)"
         )
-    if cfg.data.source not in ("torchvision", "image_folder"):
-        raise UserError(f"data.source={cfg.data.source!r} is not known; use torchvision or image_folder")
+    data = cfg.data
+    if data.crop_size > 32 + 2 * data.pad:
+        raise UserError(f"data.crop_size={data.crop_size} is larger than the {32 + 2 * data.pad}px padded image "
+                        f"(32 + 2 x data.pad={data.pad}): lower data.crop_size or raise data.pad")
+    if data.cutout and data.cutout_size >= data.crop_size:
+        raise UserError(f"data.cutout_size={data.cutout_size} would blank the whole {data.crop_size}px crop: use a "
+                        f"smaller square (Page: 8, then 5) or data.cutout=false")
     subset = cfg.data.subset
-    if subset is not None and (not isinstance(subset, int) or subset <= 0):
-        raise UserError(f"data.subset={subset!r} must be a positive number of images (or null for all)")
     if subset is not None and subset < batch:
         raise UserError(
             f"data.subset={subset} is smaller than data.batch_size={batch}: no full batch to train on; "

@@ -82,12 +82,57 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What torchvision's ImageFolder accepts as images; anything else in a class folder is skipped.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Files that file managers leave in folders (macOS, Windows): never images, skipped silently but counted.
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+
+
+def image_files(split_dir: Path) -> tuple[list[list[Path]], int]:
+    """The image files of each CIFAR-10 class folder under `split_dir` (sorted), and how many others were skipped.
+
+    Hidden files (`.DS_Store`, macOS's `._*`), `Thumbs.db`/`desktop.ini` and files without an image
+    extension are skipped, as ImageFolder does; symlinked folders and files are followed. A class
+    folder without images is refused: training on 9 classes would report a number for the wrong task.
+    """
+    per_class: list[list[Path]] = []
+    skipped = 0
+    for name in CIFAR10_CLASSES:
+        files = []
+        for entry in sorted((split_dir / name).iterdir()):
+            if not entry.is_file():
+                continue
+            lower = entry.name.lower()
+            if entry.name.startswith(".") or lower in _SYSTEM_FILES or not lower.endswith(IMAGE_EXTENSIONS):
+                skipped += 1
+                continue
+            files.append(entry)
+        if not files:
+            raise UserError(f"class folder {split_dir / name} holds no images: a CIFAR-10 dataset needs images of "
+                            "all 10 classes in train/ and test/")
+        per_class.append(files)
+    return per_class, skipped
+
+
 def _directory_fingerprint(path: Path) -> str:
-    """Names, sizes and mtimes of every file: changes when the folder's contents change."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    """A digest of exactly the bytes the decoder will read: every image of both splits, by relative path.
+
+    Reading them (60,000 small files) takes about a second with a warm page cache; names, sizes and
+    times alone would let two folders that differ only behind symlinks share one cache.
+    """
+    digest = hashlib.blake2b(digest_size=32)
+    for split in ("train", "test"):
+        split_dir = path / split
+        if not split_dir.is_dir():
+            raise UserError(f"{split_dir} is missing: an image_folder dataset needs train/<class>/* and "
+                            "test/<class>/* (torchvision ImageFolder layout)")
+        _check_classes(split_dir)
+        per_class, _ = image_files(split_dir)
+        for files in per_class:
+            for file in files:
+                data = file.read_bytes()
+                digest.update(f"{split}/{file.parent.name}/{file.name}|{len(data)}\n".encode())
+                digest.update(data)
     return digest.hexdigest()
 
 
@@ -135,6 +180,16 @@ def _load_torchvision(root: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_classes(split_dir: Path) -> None:
+    classes = tuple(sorted(entry.name for entry in split_dir.iterdir()
+                           if entry.is_dir() and not entry.name.startswith(".")))
+    if classes != CIFAR10_CLASSES:
+        raise UserError(
+            f"{split_dir} has class folders {list(classes)}, expected CIFAR-10's 10 classes "
+            f"{list(CIFAR10_CLASSES)}: fix the folder names"
+        )
+
+
 def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
 
@@ -143,15 +198,13 @@ def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{split_dir} is missing: an image_folder dataset needs train/<class>/* and test/<class>/* "
             "(torchvision ImageFolder layout)"
         )
-    classes = tuple(sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir()))
-    if classes != CIFAR10_CLASSES:
-        raise UserError(
-            f"{split_dir} has class folders {list(classes)}, expected CIFAR-10's 10 classes "
-            f"{list(CIFAR10_CLASSES)}: fix the folder names"
-        )
+    _check_classes(split_dir)
     images: list[np.ndarray] = []
     labels: list[int] = []
-    per_class = [sorted(p for p in (split_dir / name).iterdir() if p.is_file()) for name in CIFAR10_CLASSES]
+    per_class, skipped = image_files(split_dir)
+    if skipped:
+        print(f"[data] {split_dir.name}: skipped {skipped} hidden or non-image files (.DS_Store, Thumbs.db, ._*, "
+              "...), as torchvision's ImageFolder does", flush=True)
     total, start = sum(len(files) for files in per_class), time.perf_counter()
     for label, files in enumerate(per_class):
         for file in files:
@@ -179,30 +232,33 @@ def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_image_folder(path: str, scratch_dir: Path) -> dict[str, np.ndarray]:
-    location = _existing_image_folder(path)
-    if location.is_dir():
-        top = location
-        cleanup = None
-    else:
-        from torchvision.datasets.utils import extract_archive
+    """Decode a folder, or an archive extracted (safely) into a scratch folder that is always removed.
 
-        scratch_dir.mkdir(parents=True, exist_ok=True)
-        cleanup = Path(tempfile.mkdtemp(prefix="extract-", dir=scratch_dir))
-        print(f"[data] first use of {location.name}: extracting and decoding it once into a uint8 cache", flush=True)
-        try:
-            extract_archive(str(location), str(cleanup))
-        except Exception as error:
-            shutil.rmtree(cleanup, ignore_errors=True)
-            raise UserError(
-                f"could not extract {location} ({type(error).__name__}: {error}); the archive is corrupt "
-                "or not a .tar/.tar.gz/.zip: replace it"
-            ) from error
-        top = cleanup
-        # Archives often hold one top-level folder (cifar10/train, cifar10/test): descend into it.
-        entries = [entry for entry in top.iterdir() if entry.is_dir()]
-        if not (top / "train").is_dir() and len(entries) == 1:
-            top = entries[0]
+    The scratch folder is named `extract-<host>-<pid>-*`, so one left by a killed run is removed by the
+    next (storage.remove_stale); an interruption or error here removes it at once.
+    """
+    location = _existing_image_folder(path)
+    cleanup: Path | None = None
     try:
+        if location.is_dir():
+            top = location
+        else:
+            from cifar_speedrun.archive import safe_extract
+
+            try:
+                scratch_dir.mkdir(parents=True, exist_ok=True)
+                storage.remove_stale(str(scratch_dir))
+                cleanup = Path(tempfile.mkdtemp(prefix=f"extract-{storage.temp_tag()}", dir=scratch_dir))
+                print(f"[data] first use of {location.name}: extracting and decoding it once into a uint8 cache",
+                      flush=True)
+                safe_extract(location, cleanup)
+            except OSError as error:
+                raise (storage.disk_error(error, str(scratch_dir / "extract")) or error) from error
+            top = cleanup
+            # Archives often hold one top-level folder (cifar10/train, cifar10/test): descend into it.
+            entries = [entry for entry in top.iterdir() if entry.is_dir()]
+            if not (top / "train").is_dir() and len(entries) == 1:
+                top = entries[0]
         train_x, train_y = _decode_image_split(top / "train")
         test_x, test_y = _decode_image_split(top / "test")
     finally:
@@ -223,6 +279,7 @@ def load_cifar10_uint8(
     A second call reads one `torch.save` file instead of re-parsing pickles or re-decoding 60k JPEGs.
     The cache is written to a temporary name and renamed, so an interrupted run leaves no broken file.
     """
+    storage.remove_stale(cache_dir)  # temp files and extraction folders of runs that were killed
     source_id = source_identity(source, path)
     target = cache_file(cache_dir, source_id)
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import storage, tracking
+from cifar_speedrun import schema, storage, tracking
 from cifar_speedrun.data import CIFAR10_CLASSES, PAGE_MEAN, PAGE_STD, channel_stats, load_cifar10_uint8, select_subset
 from cifar_speedrun.errors import UserError, find_user_error
 from cifar_speedrun.model_file import checked_model_config, is_model_file
@@ -64,6 +64,7 @@ def _trained_model(path: str) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
+    schema.check(cfg, schema.EVAL)
     extra = [name for name in (cfg.get("applied_tricks") or {}) if name not in EVAL_TRICKS]
     if extra:
         raise UserError(f"trick {extra[0]!r} changes training, not evaluation: eval.py takes only "

@@ -130,13 +130,28 @@ def _job_number(path: Path, root: Path) -> int:
     return 10**9
 
 
+def _number_or_none(result: dict[str, Any], key: str) -> float | None:
+    value = result.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} is not a finite number")
+    return float(value)
+
+
+def _unreadable(path: Path, root: Path, reason: str) -> Run:
+    return Run(path, _job_number(path, root), "unreadable", str(path.parent.name), None, None, None, None, None,
+               f"{path}: {reason}")
+
+
 def _run_from_result(result: dict[str, Any], path: Path, job: int) -> Run:
     config = result.get("config") if isinstance(result.get("config"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     return Run(
         path=path, job=job, status=str(result.get("status")), config_key=_config_key(result),
-        test_acc=result.get("test_acc"), train_seconds=result.get("train_seconds"),
-        time_to_target=result.get("time_to_target"), target_acc=result.get("target_acc"), seed=result.get("seed"),
+        test_acc=_number_or_none(result, "test_acc"), train_seconds=_number_or_none(result, "train_seconds"),
+        time_to_target=_number_or_none(result, "time_to_target"), target_acc=_number_or_none(result, "target_acc"),
+        seed=result.get("seed"),
         error=result.get("error"), epochs=result.get("epochs"), width=model.get("width"),
         data=result.get("data_source"), device=result.get("device"), commit=result.get("git_commit"),
         wandb_group=result.get("wandb_group"),
@@ -150,12 +165,20 @@ def load_runs(multirun_dir: str | Path) -> list[Run]:
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            runs.append(Run(path, _job_number(path, root), "unreadable", str(path.parent.name), None, None, None,
-                            None, None, f"{type(error).__name__}: {error}"))
+            result = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            runs.append(_unreadable(path, root, "not UTF-8 text (not a results.json written by train.py)"))
             continue
-        runs.append(_run_from_result(result, path, _job_number(path, root)))
+        except (OSError, json.JSONDecodeError) as error:
+            runs.append(_unreadable(path, root, f"{type(error).__name__}: {error}"))
+            continue
+        if not isinstance(result, dict):
+            runs.append(_unreadable(path, root, f"holds a JSON {type(result).__name__}, not an object"))
+            continue
+        try:
+            runs.append(_run_from_result(result, path, _job_number(path, root)))
+        except (ValueError, TypeError, AttributeError) as error:
+            runs.append(_unreadable(path, root, str(error)))
     return sorted(runs, key=lambda r: (r.job, str(r.path)))
 
 
@@ -163,10 +186,22 @@ def _number(text: str | None) -> float | None:
     return None if text in (None, "") else float(text)
 
 
+class ReportError(Exception):
+    """A problem with the report's inputs or output folder, said in one line."""
+
+
 def load_runs_csv(path: str | Path) -> list[Run]:
     """Runs as written by `write_runs_csv`, in file order (the order the table shows them)."""
+    try:
+        return _load_runs_csv(path)
+    except (UnicodeDecodeError, KeyError, ValueError, csv.Error) as error:
+        raise ReportError(f"{path} is not a runs CSV written by --export-runs ({type(error).__name__}: {error})") \
+            from None
+
+
+def _load_runs_csv(path: str | Path) -> list[Run]:
     runs = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             seed = row.get("seed")
             runs.append(Run(
@@ -404,13 +439,21 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
     if compare_pair:
         text += "\n" + compare(rows, *compare_pair) + "\n"
     prefix = output_prefix(sources, out)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".md").write_text(text)
-    write_csv(rows, prefix.with_suffix(".csv"))
-    if any(row.n for row in rows):
-        plot(rows, prefix.with_suffix(".png"))
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".md").write_text(text)
+        write_csv(rows, prefix.with_suffix(".csv"))
+        if any(row.n for row in rows):
+            plot(rows, prefix.with_suffix(".png"))
+    except OSError as error:
+        raise ReportError(f"cannot write the report into {prefix.parent} ({error.strerror or error}): give a "
+                          "writable folder with --out DIR") from None
     if export_runs:
-        write_runs_csv(runs, export_runs)
+        try:
+            write_runs_csv(runs, export_runs)
+        except OSError as error:
+            raise ReportError(f"cannot write {export_runs} ({error.strerror or error}): choose a writable "
+                              "path") from None
     if to_wandb:
         image = prefix.with_suffix(".png")
         upload_to_wandb(rows, runs, label, project, prefix.parent, image if image.is_file() else None)
@@ -431,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(report(args.sources, args.compare, args.wandb, args.project, args.out, args.export_runs), end="")
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, ReportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,20 +1,61 @@
 """Reading and writing files that may live on a local disk or behind an fsspec URL (gs://, s3://, memory://).
 
-Every write goes to a temporary name first and is then moved into place, so a run killed halfway
-never leaves a truncated cache or results file that a later run would trust.
+Every write goes to a temporary name beside the target (same filesystem), is flushed and fsync'ed,
+and is then renamed over the target with os.replace, so a run killed halfway (or a full disk) never
+leaves a truncated cache, results file or checkpoint that a later run would trust, and never
+destroys the previous good one. Temporary names carry the host and process id
+(`<name>.tmp-<host>-<pid>-<random>`), so a later run can remove the leftovers of a process that
+died (`remove_stale`). Files get the permissions of the user's umask, like any file they create.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 import uuid
 from typing import Any
 
 import fsspec
 import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from cifar_speedrun.errors import UserError
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once, at import, while the process is single-threaded
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def temp_tag() -> str:
+    """The part of a temporary name that says who made it: '<host>-<pid>-'."""
+    return f"{HOST}-{os.getpid()}-"
+
+
+def disk_error(error: OSError, path: str) -> UserError | None:
+    """A disk-full / read-only / permission error as one line naming where, or None for other errors."""
+    where = os.path.dirname(str(path)) or "."
+    if error.errno in _FULL:
+        return UserError(f"disk full at {where} (writing {os.path.basename(str(path))}): free space there or "
+                         "point paths.output_dir / paths.cache_dir elsewhere")
+    if error.errno == errno.EROFS:
+        return UserError(f"{where} is on a read-only filesystem (writing {os.path.basename(str(path))}): choose "
+                         "a writable hydra.run.dir / paths.cache_dir")
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"no permission to write {path}: choose a writable hydra.run.dir / paths.cache_dir")
+    return None
 
 
 def is_local(path: str) -> bool:
@@ -49,30 +90,98 @@ def makedirs(path: str) -> None:
         fs.makedirs(inner, exist_ok=True)
 
 
+def _write_file(handle: int, data: bytes) -> None:
+    """Write, flush and fsync one open file (a seam for the disk-full tests)."""
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def write_bytes_atomic(data: bytes, path: str) -> None:
-    """Write to `<path>.tmp-<random>` beside the target, then rename over it."""
+    """Write to `<path>.tmp-<host>-<pid>-<random>` beside the target, fsync, then os.replace over it.
+
+    A full disk, a read-only folder or a missing permission becomes one UserError naming where; the
+    previous file, if any, is left as it was.
+    """
     if is_local(path):
         target = _local(path)
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=os.path.basename(target) + ".tmp-", dir=os.path.dirname(target) or ".")
+        folder = os.path.dirname(target) or "."
         try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+            os.makedirs(folder, exist_ok=True)
+            handle, temp = tempfile.mkstemp(prefix=f"{os.path.basename(target)}.tmp-{temp_tag()}", dir=folder)
+        except OSError as error:
+            raise (disk_error(error, target) or error) from error
+        try:
+            os.fchmod(handle, 0o666 & ~UMASK)  # mkstemp makes 0600; a results folder may be shared
+            _write_file(handle, data)
             os.replace(temp, target)
-        except BaseException:
+            _fsync_folder(folder)
+        except BaseException as error:
             if os.path.exists(temp):
                 os.remove(temp)
+            if isinstance(error, OSError) and disk_error(error, target) is not None:
+                raise disk_error(error, target) from error
             raise
         return
     fs, inner = fsspec.core.url_to_fs(path)
-    temp = f"{inner}.tmp-{uuid.uuid4().hex}"
+    temp = f"{inner}.tmp-{temp_tag()}{uuid.uuid4().hex}"
     parent = inner.rsplit("/", 1)[0] if "/" in inner else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(temp, data)
     fs.mv(temp, inner)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (POSIX: fsync the directory)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+_TAGGED = re.compile(r"(?:\.tmp-|^extract-)(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: str) -> list[str]:
+    """Remove temporary files and extraction folders left in `folder` by dead processes of this host.
+
+    Only names this project makes (`*.tmp-<host>-<pid>-*`, `extract-<host>-<pid>-*`) whose process is
+    gone; another host's (a shared cluster home) or a live process's are left alone.
+    """
+    if not is_local(folder) or not os.path.isdir(_local(folder)):
+        return []
+    removed = []
+    for entry in os.scandir(_local(folder)):
+        match = _TAGGED.search(entry.name)
+        if not match or match["host"] != HOST or _alive(int(match["pid"])) or int(match["pid"]) == os.getpid():
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.remove(entry.path)
+            except OSError:
+                continue
+        removed.append(entry.path)
+    return removed
 
 
 def read_bytes(path: str) -> bytes:
@@ -94,9 +203,10 @@ def load_tensors(path: str) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, loaded as data only (weights_only: a handed file runs no code)."""
-    from cifar_speedrun.errors import UserError
+    """A Lightning checkpoint's contents, loaded as data only (weights_only: a handed file runs no code).
 
+    A torn, foreign or non-checkpoint file is one line naming it; never advice to load it unsafely.
+    """
     try:
         blob = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -127,3 +237,30 @@ def check_writable(directory: str) -> None:
     else:
         fs, inner = fsspec.core.url_to_fs(probe)
         fs.rm(inner)
+
+
+class AtomicCheckpointIO(CheckpointIO):
+    """Lightning's checkpoint I/O, written atomically beside the target and read as data only.
+
+    Lightning's default writes through fsspec, whose local temporary file lives in $TMPDIR: on a
+    cluster that is often another filesystem, where the final move is a copy over `last.ckpt`, so a
+    kill or a full disk mid-copy leaves a torn file and the previous good one is gone. Here the bytes
+    go to a temporary file in the checkpoint's own folder, fsync'ed, then os.replace'd.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(buffer.getvalue(), str(path))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(str(path))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        if is_local(str(path)):
+            if os.path.exists(_local(str(path))):
+                os.remove(_local(str(path)))
+            return
+        fs, inner = fsspec.core.url_to_fs(str(path))
+        if fs.exists(inner):
+            fs.rm(inner)

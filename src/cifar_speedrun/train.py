@@ -21,9 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import storage, tracking
+from cifar_speedrun import interrupts, storage, tracking
+from cifar_speedrun import resume as resume_lib
 from cifar_speedrun.callbacks import ResultsWriter
-from cifar_speedrun.errors import UserError, find_user_error
+from cifar_speedrun.csv_log import ResumableCSVLogger
+from cifar_speedrun.errors import UserError, describe, find_user_error
+from cifar_speedrun.interrupts import RunInterrupted
 from cifar_speedrun.module import SpeedrunModule
 
 
@@ -46,15 +49,22 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
     """One line with a measured estimate before a full-width run on a machine without CUDA."""
     if torch.cuda.is_available() or cfg.trainer.accelerator not in ("auto", "cpu") or cfg.model.width < 0.5:
         return
-    probe = torch.randn(16, 3, 32, 32)
+    norm = cfg.model.get("norm") or {}
+    splits = int(norm.get("ghost_splits", 1)) if norm.get("kind") == "ghost" else 1
+    size = splits * max(1, -(-16 // splits))  # 16 images, or the fewest that ghost BN's splits divide
+    probe = torch.randn(size, 3, 32, 32)
     saved = {key: value.clone() for key, value in net.state_dict().items()}  # BN statistics change below
     net.train()
-    net(probe).sum().backward()  # the first call pays one-off costs: time the second
-    start = time.perf_counter()
-    net(probe).sum().backward()
-    per_image = (time.perf_counter() - start) / len(probe)
-    net.zero_grad(set_to_none=True)
-    net.load_state_dict(saved)
+    try:
+        net(probe).sum().backward()  # the first call pays one-off costs: time the second
+        start = time.perf_counter()
+        net(probe).sum().backward()
+        per_image = (time.perf_counter() - start) / len(probe)
+    except Exception:  # an estimate is advice: never let it stop a valid run
+        return
+    finally:
+        net.zero_grad(set_to_none=True)
+        net.load_state_dict(saved)
     images = (cfg.data.subset or 50_000) * cfg.epochs
     hours = images * per_image / 3600
     print(f"[cpu] no CUDA: model.width={cfg.model.width} trains at ~{1 / per_image:.0f} images/s here, so "
@@ -62,7 +72,8 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
           "(or model.width=0.25 data.subset=10000 epochs=3)", flush=True)
 
 
-def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
+def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint to continue from, loaded as data only and checked against this run's config."""
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path and cfg.get("resume"):
         ckpt_path = storage.join(str(cfg.paths.checkpoint_dir), "last.ckpt")
@@ -71,19 +82,21 @@ def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
                 f"resume=true but there is no {ckpt_path}: run in the interrupted run's folder "
                 "(hydra.run.dir=<its dir> resume=true) or give ckpt_path=/path/to/last.ckpt"
             )
-    if ckpt_path and not storage.exists(str(ckpt_path)):
+    if not ckpt_path:
+        return None, None
+    if not storage.exists(str(ckpt_path)):
         raise UserError(f"ckpt_path={ckpt_path} does not exist: give the path of a .ckpt file "
                         "(e.g. <run>/checkpoints/last.ckpt)")
-    if ckpt_path:
-        checkpoint = storage.load_checkpoint(str(ckpt_path))
-        finished = int(checkpoint.get("epoch", -1)) + 1
-        if finished >= int(cfg.epochs):
-            raise UserError(
-                f"ckpt_path={ckpt_path} is from a run that already trained {finished} epochs (epochs={cfg.epochs}): "
-                f"nothing is left to train. Evaluate it with `python eval.py ckpt_path={ckpt_path}`, or set "
-                "epochs higher to train on"
-            )
-    return str(ckpt_path) if ckpt_path else None
+    checkpoint = storage.load_checkpoint(str(ckpt_path))
+    finished = int(checkpoint.get("epoch", -1)) + 1
+    if finished >= int(cfg.epochs):
+        raise UserError(
+            f"ckpt_path={ckpt_path} is from a run that already trained {finished} epochs (epochs={cfg.epochs}): "
+            f"nothing is left to train. Evaluate it with `python eval.py ckpt_path={ckpt_path}`, or set "
+            "epochs higher to train on"
+        )
+    resume_lib.check_checkpoint_matches(checkpoint, OmegaConf.to_container(cfg, resolve=True), str(ckpt_path))
+    return str(ckpt_path), checkpoint
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -94,7 +107,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except OSError as error:
         raise UserError(f"cannot write to the output dir {cfg.paths.output_dir} ({error.strerror or error}): "
                         "choose a writable hydra.run.dir / paths.output_dir") from error
-    ckpt_path = _checkpoint_to_resume(cfg)
+    for folder in (str(cfg.paths.output_dir), str(cfg.paths.checkpoint_dir)):
+        storage.remove_stale(folder)  # temporary files of a run of this folder that was killed
+    ckpt_path, checkpoint = _checkpoint_to_resume(cfg)
     tracking.check_wandb(cfg)
     overrides, _ = _hydra_context()
     tricks = list(cfg.get("applied_tricks") or {})
@@ -136,11 +151,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(tracking.StartLine(cfg, tricks, str(cfg.paths.output_dir)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:  # a resumed run keeps the metrics of the epochs its checkpoint holds
+        if isinstance(logger, ResumableCSVLogger):
+            logger.keep_through_step(int(checkpoint.get("global_step", 0)) if checkpoint else None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         if trainer.is_global_zero:
             tracking.log_run_config(loggers, cfg, keys)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         # on_fit_end already wrote results.json; reuse that record instead of writing it again
         writer = next(cb for cb in callbacks if isinstance(cb, ResultsWriter))
         result = writer.result or writer.record(trainer, module, "ok")
@@ -154,24 +172,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _finish_loggers(loggers)
 
 
-def _record_failure(cfg: DictConfig, error: BaseException) -> None:
-    """A job that failed before or outside training still leaves a results.json saying why.
+def _results_path(cfg: DictConfig) -> str:
+    return storage.join(str(cfg.paths.output_dir), "results.json")
 
-    A results.json already written by the ResultsWriter (with the epochs that finished) is kept.
+
+def _record_failure(cfg: DictConfig, error: BaseException, status: str = "failed") -> None:
+    """A job that failed before training leaves a results.json saying why.
+
+    An existing results.json is never replaced here: either the ResultsWriter wrote it (with the
+    epochs that finished, and the failure) or it is an earlier run's record (a refused resume must
+    not destroy the history it would have continued).
     """
     try:
-        path = storage.join(str(cfg.paths.output_dir), "results.json")
-        if storage.exists(path) and storage.read_json(path).get("status") == "failed":
+        path = _results_path(cfg)
+        if storage.exists(path):
             return
         overrides, _ = _hydra_context()
-        line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         storage.write_json_atomic({
-            "status": "failed", "error": f"{type(error).__name__}: {line}", "test_acc": None,
+            "status": status, "error": describe(error), "test_acc": None,
             "train_seconds": None, "time_to_target": None, "history": [], "seed": cfg.get("seed"),
             "tricks": list(cfg.get("applied_tricks") or {}), "overrides": overrides,
         }, path)
-    except Exception as secondary:  # never mask the original error
-        print(f"warning: could not write results.json ({secondary})", file=sys.stderr)
+    except BaseException as secondary:  # never mask the original error
+        print(f"warning: could not write results.json ({describe(secondary)})", file=sys.stderr)
+
+
+def _results_state(cfg: DictConfig) -> str | None:
+    """What results.json says now, for the error line, so the message and the file agree."""
+    try:
+        record = storage.read_json(_results_path(cfg))
+    except Exception:
+        return "results.json could not be written" if storage.is_local(str(cfg.paths.output_dir)) else None
+    history = record.get("history") or []
+    if not history:
+        return None
+    return (f"results.json: status '{record.get('status')}' with {len(history)} evaluated epoch"
+            f"{'s' if len(history) != 1 else ''}, last test acc {100 * history[-1]['test_acc']:.2f}%")
 
 
 def _finish_loggers(loggers: list[Any]) -> None:
@@ -195,25 +231,36 @@ def _release_memory() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_lib.CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """One job. In a multirun a failed job is recorded and the sweep goes on; alone, it exits non-zero."""
+    """One job. In a multirun a failed job is recorded and the sweep goes on; alone, it exits non-zero.
+
+    An interruption (SIGTERM, SIGINT) stops the whole process, multirun included, with 128 + signal.
+    """
     _, multirun = _hydra_context()
     try:
         result = train(cfg)
         return result.get("test_acc")
+    except RunInterrupted as interrupt:
+        _record_failure(cfg, interrupt, status="interrupted")
+        state = _results_state(cfg)
+        run_dir = str(cfg.paths.output_dir)
+        print(f"error: {interrupt}{f' ({state})' if state else ''}; the checkpoint of the last finished epoch is "
+              f"kept: resume with: python train.py hydra.run.dir={run_dir} resume=true", file=sys.stderr, flush=True)
+        raise SystemExit(interrupt.exit_code) from None
     except Exception as error:
         _record_failure(cfg, error)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         user_error = find_user_error(error)
+        state = _results_state(cfg)
+        suffix = f" ({state})" if state else ""
         if user_error is not None:
-            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            print(f"error: {user_error}{suffix}", file=sys.stderr, flush=True)
             if not multirun:
                 raise SystemExit(2) from None
             return None
-        # Training failed (NaN loss, OOM, ...): results.json already says so.
-        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: run failed: {type(error).__name__}: {line} (results.json has status 'failed'; "
-              "HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        # Training failed (NaN loss, OOM, ...): results.json says so.
+        print(f"error: run failed: {describe(error)}{suffix or ' (results.json has status failed)'}; "
+              "HYDRA_FULL_ERROR=1 shows the traceback", file=sys.stderr, flush=True)
         if not multirun:
             raise SystemExit(1) from None
     finally:
@@ -222,18 +269,25 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry: quick checks of the command line, then Hydra."""
+    """Console entry: signals, quick checks of the command line, resume's own settings, then Hydra."""
+    interrupts.raise_on_signals()
     config_lib.register_resolvers()
     tracking.quiet_console()
-    debug = "--debug" in sys.argv
-    if debug:
+    if "--debug" in sys.argv:
         sys.argv.remove("--debug")
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        config_lib.check_group_overrides(sys.argv[1:])
+        args = sys.argv[1:]
+        config_lib.check_arguments(args)
+        args = resume_lib.resume_arguments(args)
+        sys.argv[1:] = args
+        config_lib.check_group_overrides(args)
         if not os.environ.get("HYDRA_FULL_ERROR"):
-            config_lib.check_composition(sys.argv[1:], "train")
+            config_lib.check_composition(args, "train")
+        hydra_main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    hydra_main()
+    except RunInterrupted as interrupt:  # before a job started, or between the jobs of a multirun
+        print(f"error: {interrupt}; nothing more was started", file=sys.stderr, flush=True)
+        raise SystemExit(interrupt.exit_code) from None
