@@ -18,16 +18,22 @@ def _run(args: list[str], archive: str, cache_dir: str) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
-def test_gpu_speedrun_smoke_runs_end_to_end_on_cpu(tmp_path: Path, archive: str, cache_dir: str, real_data) -> None:
-    result = _run(["benchmarks/gpu_speedrun.py", "--smoke", "--seeds", "2", "--out", str(tmp_path)],
-                  archive, cache_dir)
+def test_gpu_speedrun_smoke_runs_recipes_side_by_side_on_cpu(tmp_path: Path, archive: str, cache_dir: str,
+                                                              real_data) -> None:
+    result = _run(["benchmarks/gpu_speedrun.py", "--smoke", "--seeds", "2", "--experiments", "page_final",
+                   "airbench94", "airbench94_muon", "--out", str(tmp_path)], archive, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_speedrun.json").read_text())
-    assert len(report["runs"]) == 2 and {r["seed"] for r in report["runs"]} == {0, 1}
-    assert report["summary"]["32-true"]["n"] == 2 and "experiment=page_final" in report["overrides"]
-    assert "mean" in result.stdout and "(95% CI)" in result.stdout
-    results = json.loads((tmp_path / "32-true-seed0" / "results.json").read_text())
-    assert set(results["tricks"]) >= {"ghost_bn", "whitening", "ema", "tta"}
+    assert len(report["runs"]) == 6 and {r["seed"] for r in report["runs"]} == {0, 1}
+    assert set(report["summary"]) == {"page_final 32-true", "airbench94 32-true", "airbench94_muon 32-true"}
+    assert all(s["n"] == 2 for s in report["summary"].values())
+    assert all(r["eval_seconds"] > 0 and r["fit_seconds"] is not None for r in report["runs"])
+    assert "(95% CI)" in result.stdout and "by airbench's rules" in result.stdout
+    page = json.loads((tmp_path / "page_final-32-true-seed0" / "results.json").read_text())
+    assert set(page["tricks"]) >= {"ghost_bn", "whitening", "ema", "tta"}
+    airbench = json.loads((tmp_path / "airbench94-32-true-seed0" / "results.json").read_text())
+    assert {"alternating_flip", "lookahead"} <= set(airbench["tricks"])
+    assert airbench["config"]["model"]["_target_"].endswith("AirbenchNet")
 
 
 @pytest.mark.slow

@@ -478,9 +478,9 @@ def test_a_real_corrupt_image_is_refused(tmp_path: Path) -> None:
 OUT_OF_RANGE = [
     (["data.cutout_size=64"], "data.cutout_size=64 must be an integer in [1, 32]"),
     (["data.cutout_size=32", "data.cutout=true"], "would blank the whole 32px crop"),
-    (["data.pad=-2"], "data.pad=-2 must be an integer in [0, 16]"),
-    (["data.crop_size=40", "data.pad=0"], "must be an integer in [1, 32]"),
-    (["data.crop_size=30", "data.pad=0", "data.cutout=false"], None),
+    (["data.translate=-2"], "data.translate=-2 must be an integer in [0, 16]"),
+    (["data.crop_size=40", "data.translate=0"], "must be an integer in [1, 32]"),
+    (["data.crop_size=30", "data.translate=0", "data.cutout=false"], None),
     (["optim.lr=nan"], "optim.lr=nan must be a finite number >= 0"),
     (["optim.lr=inf"], "optim.lr=inf must be a finite number >= 0"),
     (["optim.weight_decay=-1e-4"], "optim.weight_decay=-0.0001 must be a number >= 0"),

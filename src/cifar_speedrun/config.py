@@ -6,6 +6,7 @@ any GPU time is spent.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -18,7 +19,7 @@ from cifar_speedrun.errors import UserError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
 CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
-                    "experiment", "stage", "sweep", "debug")
+                    "experiment", "stage", "sweep", "debug", "proxy")
 
 
 def available_options(group: str) -> list[str]:
@@ -168,7 +169,8 @@ def register_resolvers() -> None:
     from cifar_speedrun.tracking import is_terminal
 
     resolvers = {"wandb_group": wandb_group, "run_name": run_name_resolver, "run_tags": run_tags_resolver,
-                 "auto_mixed_precision": auto_mixed_precision, "is_terminal": is_terminal}
+                 "auto_mixed_precision": auto_mixed_precision, "is_terminal": is_terminal,
+                 "ceil": lambda value: math.ceil(float(value))}
     for name, function in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
@@ -184,9 +186,9 @@ def validate(cfg: DictConfig) -> None:
 
     schema.check(cfg)
     batch = int(cfg.data.batch_size)
-    epochs = int(cfg.epochs)
+    epochs = cfg.epochs
     max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs != epochs:
+    if max_epochs != math.ceil(epochs):
         raise UserError(
             f"trainer.max_epochs={max_epochs} differs from epochs={epochs}: set epochs={max_epochs} instead "
             "(the LR schedule and everything else that depends on the run's length follow `epochs`)"
@@ -231,9 +233,9 @@ def validate(cfg: DictConfig) -> None:
             "data.source=image_folder needs data.path=/path/to/cifar10.tar.gz (or export CIFAR10_ARCHIVE)"
         )
     data = cfg.data
-    if data.crop_size > 32 + 2 * data.pad:
-        raise UserError(f"data.crop_size={data.crop_size} is larger than the {32 + 2 * data.pad}px padded image "
-                        f"(32 + 2 x data.pad={data.pad}): lower data.crop_size or raise data.pad")
+    if data.crop_size > 32 + 2 * data.translate:
+        raise UserError(f"data.crop_size={data.crop_size} is larger than the {32 + 2 * data.translate}px padded image "
+                        f"(32 + 2 x data.translate={data.translate}): lower data.crop_size or raise data.translate")
     if data.cutout and data.cutout_size >= data.crop_size:
         raise UserError(f"data.cutout_size={data.cutout_size} would blank the whole {data.crop_size}px crop: use a "
                         f"smaller square (Page: 8, then 5) or data.cutout=false")

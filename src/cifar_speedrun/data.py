@@ -6,7 +6,8 @@ cutout per batch with a few tensor ops instead of per-image Python. That is what
 
   source (torchvision pickles or an ImageFolder of images)
     -> uint8 tensors (N, 3, 32, 32), cached once per source in `cache_dir`
-    -> on `setup`: moved to the device, standardized per channel, train images reflect-padded by 4 px
+    -> on `setup`: moved to the device, standardized per channel, train images reflect-padded by
+       `translate` px (Page: 4, airbench: 2), so a random 32x32 crop is a random shift
     -> `AugmentedBatches`: per epoch a fresh `torch.randperm`, per batch crop + flip + cutout.
 """
 
@@ -419,17 +420,23 @@ class AugmentConfig:
     cutout_inside: bool = False
 
 
-def augment_batch(padded: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Random crop, horizontal flip (p = 0.5) and cutout for one batch, all drawn on the device."""
+def augment_batch(padded: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop, horizontal flip and cutout for one batch, all drawn on the device.
+
+    `flip`: which images to mirror, when the caller decides (alternating flip); otherwise each image
+    is mirrored with p = 0.5.
+    """
     batch, _, height, width = padded.shape
     device = padded.device
     size = cfg.crop_size
     top = torch.randint(0, height - size + 1, (batch,), device=device, generator=generator)
     left = torch.randint(0, width - size + 1, (batch,), device=device, generator=generator)
-    if cfg.flip:
-        flip = torch.rand(batch, device=device, generator=generator) < 0.5
-    else:
-        flip = torch.zeros(batch, dtype=torch.bool, device=device)
+    if flip is None:
+        if cfg.flip:
+            flip = torch.rand(batch, device=device, generator=generator) < 0.5
+        else:
+            flip = torch.zeros(batch, dtype=torch.bool, device=device)
     x = crop_flip(padded, top, left, flip, size)
     if cfg.cutout:
         square = cfg.cutout_size
@@ -448,11 +455,17 @@ class AugmentedBatches:
 
     `rank` / `world_size` give each DDP process its own disjoint slice of one shared permutation
     (the shared seed keeps the permutations equal across ranks), like DistributedSampler.
+
+    `flip_mode="alternating"` (airbench, trick=alternating_flip): each image gets one random flip
+    decision, drawn once from the seed, and epoch k uses it mirrored when k is odd, so an image
+    flipped in one epoch is unflipped in the next: every image is seen both ways every two epochs,
+    where independent coin flips leave a quarter of them one-sided over any two epochs. The epoch
+    count is part of the state, so a resumed run continues the pattern.
     """
 
     def __init__(self, padded_images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  augment: AugmentConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, flip_mode: str = "random") -> None:
         self.images = padded_images
         self.labels = labels
         self.batch_size = batch_size
@@ -464,6 +477,14 @@ class AugmentedBatches:
         # Augmentation draws differ per rank (their images differ anyway); order draws must not.
         self.augment_generator = torch.Generator(device=device).manual_seed(seed * 1000 + 7919 + rank)
         self.last_indices: torch.Tensor | None = None  # kept for tests and DDP checks
+        if flip_mode not in ("random", "alternating"):
+            raise UserError(f"data.flip_mode={flip_mode!r} is not known; use random or alternating")
+        self.flip_mode = flip_mode
+        self.epoch = 0  # epochs started, for the alternating flip
+        self.base_flip: torch.Tensor | None = None
+        if flip_mode == "alternating" and augment.flip:
+            draws = torch.Generator().manual_seed(seed * 1000 + 104729)  # on the CPU: the same on every device
+            self.base_flip = (torch.rand(len(labels), generator=draws) < 0.5).to(device)
 
     def __len__(self) -> int:
         return (len(self.labels) // self.world_size) // self.batch_size
@@ -473,19 +494,24 @@ class AugmentedBatches:
         per_rank = len(self.labels) // self.world_size
         mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.last_indices = mine[: len(self) * self.batch_size]
+        odd = self.epoch % 2 == 1
+        self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = mine[start:start + self.batch_size]
-            x = augment_batch(self.images.index_select(0, index), self.augment_generator, self.augment)
+            flip = None if self.base_flip is None else self.base_flip.index_select(0, index) ^ odd
+            x = augment_batch(self.images.index_select(0, index), self.augment_generator, self.augment, flip)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[index]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"order": self.order_generator.get_state(), "augment": self.augment_generator.get_state()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order_generator.get_state(), "augment": self.augment_generator.get_state(),
+                "epoch": self.epoch}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order_generator.set_state(state["order"].cpu())
         self.augment_generator.set_state(state["augment"].cpu())
+        self.epoch = int(state.get("epoch", 0))
 
 
 class EvalBatches:
@@ -533,9 +559,10 @@ class Cifar10DataModule(L.LightningDataModule):
         subset_mode: str = "per_class",
         test_subset: int | None = None,
         normalize: str = "page",
-        pad: int = 4,
+        translate: int = 4,
         crop_size: int = 32,
         flip: bool = True,
+        flip_mode: str = "random",
         cutout: bool = True,
         cutout_size: int = 8,
         cutout_inside: bool = False,
@@ -551,7 +578,7 @@ class Cifar10DataModule(L.LightningDataModule):
         self.source, self.root, self.path, self.cache_dir = source, root, path, cache_dir
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.subset, self.subset_mode, self.test_subset = subset, subset_mode, test_subset
-        self.normalize, self.pad = normalize, pad
+        self.normalize, self.translate, self.flip_mode = normalize, translate, flip_mode
         self.augment = AugmentConfig(crop_size, flip, cutout, cutout_size, cutout_inside)
         self.half_precision, self.channels_last, self.seed = half_precision, channels_last, seed
         self.mean: list[float] = list(PAGE_MEAN)
@@ -595,7 +622,7 @@ class Cifar10DataModule(L.LightningDataModule):
         dtype = torch.float16 if self.half_precision and device.type == "cuda" else torch.float32
         train = standardize(train_x.to(device), self.mean, self.std)
         self.train_images = train
-        padded = pad_reflect(train, self.pad).to(dtype)
+        padded = pad_reflect(train, self.translate).to(dtype)
         test = standardize(test_x.to(device), self.mean, self.std).to(dtype)
         rank = getattr(self.trainer, "global_rank", 0) if getattr(self, "trainer", None) else 0
         world = getattr(self.trainer, "world_size", 1) if getattr(self, "trainer", None) else 1
@@ -611,7 +638,8 @@ class Cifar10DataModule(L.LightningDataModule):
                 "(no full batch to train on): lower data.batch_size or raise data.subset"
             )
         self._train_batches = AugmentedBatches(
-            padded, train_y.to(device), per_rank_batch, self.augment, self.seed, rank, world, self.channels_last
+            padded, train_y.to(device), per_rank_batch, self.augment, self.seed, rank, world, self.channels_last,
+            self.flip_mode
         )
         self._test = EvalBatches(test, test_y.to(device), self.eval_batch_size, self.channels_last, rank, world)
         if self._pending_state is not None:

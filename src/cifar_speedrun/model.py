@@ -129,13 +129,18 @@ class PatchWhitening(nn.Module):
     """
 
     def __init__(self, kernel_size: int = 3, eps: float = 1e-2, padding: int = 1, max_images: int = 10_000,
-                 centered: bool = False, seed: int = 0) -> None:
+                 centered: bool = False, seed: int = 0, both_signs: bool = False, bias: bool = False,
+                 bias_epochs: int | None = None) -> None:
         super().__init__()
         self.kernel_size, self.eps, self.padding = kernel_size, eps, padding
         self.max_images, self.centered, self.seed = max_images, centered, int(seed)
+        self.both_signs, self.bias_epochs = both_signs, bias_epochs
         channels = 3 * kernel_size * kernel_size
-        self.out_channels = channels
-        self.register_buffer("weight", torch.eye(channels).view(channels, 3, kernel_size, kernel_size))
+        self.out_channels = 2 * channels if both_signs else channels
+        self.register_buffer("weight", torch.eye(channels).repeat(2 if both_signs else 1, 1)
+                             .view(self.out_channels, 3, kernel_size, kernel_size))
+        # airbench: a learned bias after the frozen filters, trained for the first `bias_epochs` epochs only.
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
 
     @staticmethod
     def patches(images: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -160,10 +165,18 @@ class PatchWhitening(nn.Module):
         moment = patches.T @ patches / (len(patches) - 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(moment)
         filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + self.eps)[:, None]
+        if self.both_signs:  # airbench: each filter and its negation, so a ReLU-like activation keeps both halves
+            filters = torch.cat((filters, -filters))
         self.weight.copy_(filters.view_as(self.weight).to(self.weight.dtype))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch: the bias trains for its first `bias_epochs` only."""
+        if self.bias is not None and self.bias_epochs is not None:
+            self.bias.requires_grad_(epoch < self.bias_epochs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight.to(x.dtype), padding=self.padding)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), bias, padding=self.padding)
 
 
 def _activation(name: str, celu_alpha: float) -> nn.Module:
@@ -171,7 +184,53 @@ def _activation(name: str, celu_alpha: float) -> nn.Module:
         return nn.ReLU(inplace=True)
     if name == "celu":
         return nn.CELU(alpha=celu_alpha)
-    raise UserError(f"model.activation={name!r} is not known; use relu or celu")
+    if name == "gelu":
+        return nn.GELU()
+    raise UserError(f"model.activation={name!r} is not known; use relu, celu or gelu")
+
+
+def norm_factory(norm: dict[str, Any] | None) -> Any:
+    """`make_norm(channels)` for the configured norm: batch norm or ghost batch norm, with its settings."""
+    norm = dict(norm or {})
+    kind = norm.pop("kind", "batch")
+    splits = norm.pop("ghost_splits", 16)
+    norm_kwargs = {
+        "eps": float(norm.pop("eps", 1e-5)),
+        "momentum": float(norm.pop("momentum", 0.1)),
+        "scale_init": float(norm.pop("scale_init", 1.0)),
+        "freeze_scale": bool(norm.pop("freeze_scale", False)),
+        "float32": bool(norm.pop("float32", False)),
+    }
+    if norm:
+        raise UserError(f"model.norm has unknown keys {sorted(norm)}; known: kind, ghost_splits, eps, "
+                        "momentum, scale_init, freeze_scale, float32")
+    if kind == "batch":
+        return lambda c: BatchNorm(c, **norm_kwargs)
+    if kind == "ghost":
+        return lambda c: GhostBatchNorm(c, splits=splits, **norm_kwargs)
+    raise UserError(f"model.norm.kind={kind!r} is not known; use batch or ghost")
+
+
+def dirac_init_(net: nn.Module) -> nn.Module:
+    """Every conv starts as the identity on its first input channels (airbench: "an implicit residual").
+
+    Filter i of a conv with at least as many outputs as inputs passes input channel i through
+    unchanged at its centre tap (torch.nn.init.dirac_ on the first in_channels filters); the other
+    filters keep their random init.
+    """
+    for conv in net.modules():
+        if isinstance(conv, nn.Conv2d):
+            with torch.no_grad():
+                nn.init.dirac_(conv.weight[: conv.in_channels])
+    return net
+
+
+def _whitening_layer(settings: dict[str, Any], defaults: dict[str, Any]) -> PatchWhitening:
+    merged = {**defaults, **{k: v for k, v in settings.items() if k != "enabled"}}
+    return PatchWhitening(int(merged["kernel_size"]), float(merged["eps"]), int(merged["padding"]),
+                          int(merged["max_images"]), bool(merged.get("centered", False)), int(merged.get("seed", 0)),
+                          bool(merged.get("both_signs", False)), bool(merged.get("bias", False)),
+                          merged.get("bias_epochs"))
 
 
 class ConvBlock(nn.Sequential):
@@ -226,28 +285,9 @@ class DavidNet(nn.Sequential):
         pool_before_norm: bool = False,
         whitening: dict[str, Any] | None = None,
         logit_scale: float = LOGIT_SCALE,
+        dirac_init: bool = False,
     ) -> None:
-        norm = dict(norm or {})
-        kind = norm.pop("kind", "batch")
-        splits = norm.pop("ghost_splits", 16)
-        norm_kwargs = {
-            "eps": float(norm.pop("eps", 1e-5)),
-            "momentum": float(norm.pop("momentum", 0.1)),
-            "scale_init": float(norm.pop("scale_init", 1.0)),
-            "freeze_scale": bool(norm.pop("freeze_scale", False)),
-            "float32": bool(norm.pop("float32", False)),
-        }
-        if norm:
-            raise UserError(f"model.norm has unknown keys {sorted(norm)}; known: kind, ghost_splits, eps, "
-                            "momentum, scale_init, freeze_scale, float32")
-        if kind == "batch":
-            def make_norm(c: int) -> nn.Module:
-                return BatchNorm(c, **norm_kwargs)
-        elif kind == "ghost":
-            def make_norm(c: int) -> nn.Module:
-                return GhostBatchNorm(c, splits=splits, **norm_kwargs)
-        else:
-            raise UserError(f"model.norm.kind={kind!r} is not known; use batch or ghost")
+        make_norm = norm_factory(norm)
         _activation(activation, celu_alpha)  # validate early
 
         def make_act() -> nn.Module:
@@ -260,9 +300,7 @@ class DavidNet(nn.Sequential):
 
         whitening = dict(whitening or {})
         if whitening.get("enabled", False):
-            white = PatchWhitening(int(whitening.get("kernel_size", 3)), float(whitening.get("eps", 1e-2)),
-                                   int(whitening.get("padding", 1)), int(whitening.get("max_images", 10_000)),
-                                   bool(whitening.get("centered", False)), int(whitening.get("seed", 0)))
+            white = _whitening_layer(whitening, {"kernel_size": 3, "eps": 1e-2, "padding": 1, "max_images": 10_000})
             # Page part 8: the whitened 27 channels feed a learned 1x1 conv to the prep width.
             prep: nn.Module = nn.Sequential(OrderedDict(whiten=white, block=block(white.out_channels, c_prep,
                                                                             kernel_size=1)))
@@ -280,6 +318,88 @@ class DavidNet(nn.Sequential):
             linear=nn.Linear(c3, num_classes, bias=False),
             scale=Scale(logit_scale),
         ))
+        if dirac_init:
+            dirac_init_(self)
+
+
+# airbench94 (cifar10-airbench airbench94.py, hyp['net']): block widths at base width 64.
+AIRBENCH_WIDTHS = (64, 256, 256)
+# airbench94: logits multiplied by 1/9 (hyp['net']['scaling_factor']).
+AIRBENCH_LOGIT_SCALE = 1 / 9
+
+
+class AirbenchNet(nn.Sequential):
+    """Keller Jordan's airbench94 network (cifar10-airbench; arXiv 2404.00498), built from config.
+
+        whiten  2x2 patch-whitening conv, 24 channels (both signs of the 12 filters), a bias, GELU
+        block1  conv 24->64, max-pool 2, BN, GELU, conv 64->64, BN, GELU
+        block2  conv 64->256, max-pool 2, BN, GELU, conv 256->256, BN, GELU
+        block3  conv 256->256, max-pool 2, BN, GELU, conv 256->256, BN, GELU
+        head    max-pool over the remaining 3x3, linear 256->10 without bias, logits x 1/9
+
+    No residual connections: the convs start as identities on their first input channels instead
+    (`dirac_init`). BN scales are frozen at 1 and its statistics use momentum 0.6 in airbench's
+    convention (PyTorch's 0.4), eps 1e-12: all in conf/model/airbench94.yaml. `width` scales the
+    block widths; `norm` and `activation` take the same settings as DavidNet's, so Page's tricks
+    (ghost_bn, celu, ...) apply to this net too.
+    """
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        widths: tuple[int, ...] | list[int] = AIRBENCH_WIDTHS,
+        num_classes: int = 10,
+        activation: str = "gelu",
+        celu_alpha: float = 0.075,
+        norm: dict[str, Any] | None = None,
+        whitening: dict[str, Any] | None = None,
+        logit_scale: float | None = AIRBENCH_LOGIT_SCALE,
+        dirac_init: bool = True,
+        unit_head_init: bool = False,
+    ) -> None:
+        if not width or width <= 0:
+            raise UserError(f"model.width={width} must be > 0 (1.0 is airbench94; 0.125 for CPU runs)")
+        make_norm = norm_factory(norm)
+        _activation(activation, celu_alpha)
+
+        def make_act() -> nn.Module:
+            return _activation(activation, celu_alpha)
+
+        whitening = dict(whitening or {})
+        if whitening.get("enabled", True):
+            stem: nn.Module = _whitening_layer(whitening, {"kernel_size": 2, "eps": 5e-4, "padding": 0,
+                                                          "max_images": 5000, "both_signs": True, "bias": True,
+                                                          "bias_epochs": 3})
+            stem_channels = stem.out_channels
+        else:  # a learned conv of the same shape in its place
+            kernel = int(whitening.get("kernel_size", 2))
+            stem_channels = 2 * 3 * kernel * kernel
+            stem = nn.Conv2d(3, stem_channels, kernel, padding=int(whitening.get("padding", 0)), bias=True)
+        channels = [max(1, round(c * width)) for c in widths]
+
+        def group(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(OrderedDict(
+                conv1=nn.Conv2d(c_in, c_out, 3, padding="same", bias=False), pool=nn.MaxPool2d(2),
+                norm1=make_norm(c_out), act1=make_act(),
+                conv2=nn.Conv2d(c_out, c_out, 3, padding="same", bias=False), norm2=make_norm(c_out),
+                act2=make_act(),
+            ))
+
+        blocks = OrderedDict(whiten=stem, whiten_act=make_act())
+        previous = stem_channels
+        for index, c in enumerate(channels, start=1):
+            blocks[f"block{index}"] = group(previous, c)
+            previous = c
+        head = nn.Linear(previous, num_classes, bias=False)
+        if unit_head_init:  # airbench94_muon: unit-std head weights, logits divided by the feature count
+            with torch.no_grad():
+                head.weight.mul_(1 / head.weight.std())
+        # null: logits divided by the feature count (airbench94_muon's `head(x) / x.size(-1)`).
+        scale = 1.0 / previous if logit_scale is None else float(logit_scale)
+        blocks.update(pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(), linear=head, scale=Scale(scale))
+        super().__init__(blocks)
+        if dirac_init:
+            dirac_init_(self)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

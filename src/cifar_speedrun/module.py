@@ -23,11 +23,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_method
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.optim import effective_hyperparameters  # noqa: F401  (re-exported: Page's formulas)
 
 
 class PiecewiseLinear:
@@ -113,57 +115,36 @@ def check_schedule(epochs: Sequence[float], values: Sequence[float]) -> None:
         raise UserError(f"optim.schedule.factors={list(values)} has a negative learning-rate factor")
 
 
-def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[str, float]:
-    """The learning rate and weight decay to use, in Page's invariant form (part 5).
-
-    With the mean loss, our lr η equals Page's per-example rate λ = η/N times N. Page's argument:
-    what stays optimal is λ (= η/N) when N changes, λ/(1-ρ) when the momentum ρ changes, and λα
-    (= ηα: the weight-decay shrink per step) throughout. With `hold_invariant`, the configured lr and
-    weight decay are taken as tuned at (reference_batch_size, reference_momentum) and rescaled so
-    those three quantities are unchanged at the batch size and momentum in use.
-    """
-    lr, wd, momentum = float(optim["lr"]), float(optim["weight_decay"]), float(optim["momentum"])
-    if optim.get("hold_invariant", False):
-        ref_n, ref_rho = float(optim["reference_batch_size"]), float(optim["reference_momentum"])
-        scaled_lr = lr * (batch_size / ref_n) * ((1.0 - momentum) / (1.0 - ref_rho))
-        wd = wd * lr / scaled_lr  # keep ηα fixed
-        lr = scaled_lr
-    return {
-        "lr": lr,
-        "weight_decay": wd,
-        "momentum": momentum,
-        "batch_size": batch_size,
-        "lr_per_example": lr / batch_size,  # Page's λ/N: the lr of his summed-loss code
-        "lr_per_example_over_1_minus_momentum": lr / batch_size / (1.0 - momentum),
-        "lr_times_weight_decay": lr * wd,
-    }
-
-
 def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,
                reduce: str = "logits") -> torch.Tensor:
     """Average of the network's outputs over cheap symmetries of the test image.
 
-    flip: the image and its horizontal mirror (Page part 8). translate: also both of those shifted
-    by one pixel (reflect-padded) up-left and down-right, as airbench's tta level 2. `reduce`
-    chooses what is averaged: raw logits (Page: cifar10-fast's forward_tta stacks the views' logits
-    and takes their mean; airbench does the same), or log-softmax (log-probabilities).
+    flip: the image and its horizontal mirror, averaged (Page part 8: cifar10-fast's forward_tta
+    takes the mean of the views' logits). translate: airbench's TTA level 2, the untranslated views
+    and the same views shifted by one pixel (reflect-padded) up-left and down-right, weighted as
+    airbench94's `infer`: 0.5 x mean(untranslated) + 0.5 x mean(translated), so with flip the two
+    untranslated views weigh 1/4 each and the four shifted ones 1/8. `reduce` chooses what is
+    averaged: raw logits (both recipes), or log-softmax (log-probabilities).
     """
-    views = [images]
+
+    def outputs(views: list[torch.Tensor]) -> torch.Tensor:
+        results = [net(view).float() for view in views]
+        if reduce == "log_softmax":
+            results = [F.log_softmax(out, dim=1) for out in results]
+        elif reduce != "logits":
+            raise UserError(f"tta.reduce={reduce!r} is not known; use logits or log_softmax")
+        return torch.stack(results).mean(dim=0)
+
+    plain = [images, images.flip(-1)] if flip else [images]
+    untranslated = outputs(plain)
+    if not translate:
+        return untranslated
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    height, width = images.shape[-2:]
+    shifted = [padded[..., 0:height, 0:width], padded[..., 2:height + 2, 2:width + 2]]
     if flip:
-        views.append(images.flip(-1))
-    if translate:
-        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-        height, width = images.shape[-2:]
-        shifted = [padded[..., 0:height, 0:width], padded[..., 2:height + 2, 2:width + 2]]
-        views.extend(shifted)
-        if flip:
-            views.extend(view.flip(-1) for view in shifted)
-    outputs = [net(view) for view in views]
-    if reduce == "log_softmax":
-        outputs = [F.log_softmax(out.float(), dim=1) for out in outputs]
-    elif reduce != "logits":
-        raise UserError(f"tta.reduce={reduce!r} is not known; use logits or log_softmax")
-    return torch.stack([out.float() for out in outputs]).mean(dim=0)
+        shifted += [view.flip(-1) for view in shifted]
+    return 0.5 * untranslated + 0.5 * outputs(shifted)
 
 
 class SpeedrunModule(L.LightningModule):
@@ -187,15 +168,20 @@ class SpeedrunModule(L.LightningModule):
         knots = list(optim["schedule"]["epochs"])
         if epochs is None and any(isinstance(k, str) for k in knots):
             raise UserError(f"optim.schedule.epochs={knots} is written in `epochs`: give the run's epochs too")
+        self.epochs = None if epochs is None else float(epochs)
         self.schedule_knots = resolve_knots(knots, math.nan if epochs is None else float(epochs))
         check_schedule(self.schedule_knots, optim["schedule"]["factors"])
         self.net = net
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.optim_cfg = dict(optim)
-        self.effective = effective_hyperparameters(self.optim_cfg, batch_size)
+        self.batch_size = int(batch_size)
+        self.builder = get_method(str(self.optim_cfg.get("builder", "cifar_speedrun.optim.page_sgd")))
+        built = self.builder(self.net, self.optim_cfg, self.batch_size, "cpu")  # the numbers, before fit
+        self.effective = dict(built.effective)
         self.effective["schedule_epochs"] = self.schedule_knots
         self.effective["schedule_factors"] = [float(v) for v in optim["schedule"]["factors"]]
+        self.total_steps: int | None = None
         self.label_smoothing = float(label_smoothing)
         self.tta = dict(tta or {})
         self.compile_net = compile
@@ -211,6 +197,7 @@ class SpeedrunModule(L.LightningModule):
         self.register_buffer("step_count", torch.tensor(0, dtype=torch.long), persistent=False)
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.warmup_seconds: float | None = None
+        self.fit_seconds = 0.0
         self.schedule: PiecewiseLinear | None = None
 
     # ---------------------------------------------------------------- setup
@@ -222,10 +209,16 @@ class SpeedrunModule(L.LightningModule):
         # Layers that are fitted to the data (patch whitening) see the standardized training images.
         datamodule = getattr(self.trainer, "datamodule", None)
         images = getattr(datamodule, "train_images", None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
         for layer in self.net.modules():
             fit = getattr(layer, "fit_to_data", None)
             if callable(fit) and images is not None:
                 fit(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.fit_seconds = time.perf_counter() - start  # counted as training time (callbacks.TrainTimer)
         self.step_count.fill_(self.global_step)
         if self.compile_net or self.device.type == "cuda":
             self.warm_up(datamodule)
@@ -324,35 +317,34 @@ class SpeedrunModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weights and biases apart: Page trains BN biases with their own lr / weight-decay factors."""
-        lr, wd = self.effective["lr"], self.effective["weight_decay"]
-        weights, biases = [], []
-        for name, param in self.net.named_parameters():
-            if param.requires_grad:
-                (biases if name.endswith("bias") else weights).append(param)
-        lr_factor = float(self.optim_cfg.get("bias_lr_factor", 1.0))
-        wd_factor = float(self.optim_cfg.get("bias_wd_factor", 1.0))
-        groups = [{"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"}]
-        if biases:
-            groups.append({"params": biases, "lr": lr * lr_factor, "weight_decay": wd * wd_factor,
-                           "name": "biases"})
-        return groups
+        """The optimizer's parameter groups for this config (e.g. weights and BN biases apart, Page part 8)."""
+        return self.builder(self.net, self.optim_cfg, self.batch_size, "cpu").optimizer.param_groups
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.optim_cfg
         device_type = self.device.type if isinstance(self.device, torch.device) else "cpu"
-        # One fused kernel for the whole update on CUDA; foreach (multi-tensor) elsewhere.
-        fused = bool(optim.get("fused", True)) and device_type == "cuda"
-        optimizer = torch.optim.SGD(
-            self.parameter_groups(),
-            momentum=self.effective["momentum"],
-            nesterov=bool(optim.get("nesterov", True)),
-            fused=fused or None,
-            foreach=None if fused else True,
-        )
+        built = self.builder(self.net, self.optim_cfg, self.batch_size, device_type)
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
         steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
-        self.schedule = PiecewiseLinear(self.schedule_knots, optim["schedule"]["factors"], steps_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # A fractional run (airbench: 9.9 epochs) stops inside its last epoch, at the schedule's end.
+        epochs = self.epochs if self.epochs is not None else float(max_epochs)
+        self.total_steps = math.ceil(epochs * steps_per_epoch - 1e-9)
+        self.schedule = PiecewiseLinear(self.schedule_knots, self.optim_cfg["schedule"]["factors"], steps_per_epoch)
+        schedules = []
+        for group in built.optimizer.param_groups:
+            own = built.group_knots.get(group.get("name", ""))
+            schedules.append(self.schedule if own is None else
+                             PiecewiseLinear(resolve_knots(own[0], epochs), own[1], steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, schedules)
+        return {"optimizer": built.optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.total_steps is not None and self.global_step >= self.total_steps:
+            self.trainer.should_stop = True
+
+    def on_train_epoch_start(self) -> None:
+        # Layers with an epoch-dependent state (airbench's whitening bias trains for 3 epochs only).
+        for layer in self.net.modules():
+            set_epoch = getattr(layer, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.current_epoch)

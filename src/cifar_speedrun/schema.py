@@ -253,8 +253,8 @@ def _unknown(key: str, name: str, known: Mapping[str, Any], reason: str = "") ->
         f"did you mean {close[0]}? " if close else "")
     listed = ", ".join(sorted(k for k in known if not (k.startswith("_") and k.endswith("_"))))
     return UserError(f"unknown key {key}{f' ({reason})' if reason else ''}: {guess}nothing reads it ({section} has: "
-                     f"{listed}). A `+key=value` override adds keys without checking them; drop the `+` to "
-                     "override an existing key")
+                     f"{listed}). It came from a `+key=value` override (Hydra adds keys without checking them: "
+                     "drop the `+` to override an existing key) or from a trick meant for another model")
 
 
 _SIGNATURES: dict[str, set[str] | None] = {}
@@ -292,7 +292,6 @@ def _checked(spec: Spec) -> Spec:
 # ------------------------------------------------------------------------------------------------
 
 POSITIVE = Number(integer=True, low=1)
-FRACTION = Number(low=0, high=1, high_open=True)
 PATH = _checked(Text(nullable=True))
 
 DATA = Section({
@@ -308,7 +307,8 @@ DATA = Section({
     "subset_mode": Choice(("per_class", "random")),
     "test_subset": Number(integer=True, low=1, nullable=True),
     "normalize": Choice(("page", "computed")),
-    "pad": Number(integer=True, low=0, high=16, hint="Page pads 4 px"),
+    "translate": Number(integer=True, low=0, high=16, hint="Page: 4, airbench: 2"),
+    "flip_mode": Choice(("random", "alternating"), "alternating: trick=alternating_flip (airbench)"),
     "crop_size": Number(integer=True, low=1, high=32, hint="CIFAR-10 images are 32x32"),
     "flip": Boolean(),
     "cutout": Boolean(),
@@ -337,6 +337,9 @@ WHITENING = Section({
     "max_images": Number(integer=True, low=1),
     "seed": Number(integer=True, low=0, high=MAX_SEED),
     "centered": Boolean(),
+    "both_signs": Boolean(),
+    "bias": Boolean(),
+    "bias_epochs": Number(integer=True, low=0, nullable=True),
 })
 
 DAVIDNET = Section({
@@ -346,9 +349,41 @@ DAVIDNET = Section({
     "celu_alpha": Number(low=0, low_open=True),
     "pool_before_norm": Boolean(),
     "logit_scale": Number(low=0, low_open=True),
+    "dirac_init": Boolean(),
     "norm": NORM,
     "whitening": WHITENING,
 })
+
+AIRBENCH = Section({
+    "width": Number(low=0, low_open=True, hint="1.0 is airbench94; 0.125 for CPU runs"),
+    "widths": ListOf(Number(integer=True, low=1), min_length=1),
+    "num_classes": Choice((10,), "CIFAR-10 has 10 classes"),
+    "activation": Choice(("gelu", "relu", "celu")),
+    "celu_alpha": Number(low=0, low_open=True),
+    "logit_scale": Number(low=0, low_open=True, nullable=True),
+    "dirac_init": Boolean(),
+    "unit_head_init": Boolean(),
+    "norm": NORM,
+    "whitening": WHITENING,
+})
+
+
+@dataclass(frozen=True)
+class Keyed(Spec):
+    """A section whose keys depend on one of its values (the optimizer's `builder`)."""
+
+    key: str
+    sections: Mapping[str, Section]
+
+    def check(self, key: str, value: Any) -> None:
+        if not isinstance(value, (dict, DictConfig)):
+            raise _fail(key, value, "a group of settings")
+        choice = _value(value, self.key)
+        section = self.sections.get(choice)
+        if section is None:
+            known = ", ".join(self.sections)
+            raise UserError(f"{key}.{self.key}={choice!r} is not known; use {known}")
+        section.check(key, value)
 
 SCHEDULE = Section({
     "epochs": ListOf(OneOf((Number(), Text()), "a number or an expression in epochs"), min_length=2),
@@ -356,6 +391,7 @@ SCHEDULE = Section({
 })
 
 OPTIM = Section({
+    "builder": Text(),
     "lr": Number(low=0, hint="Page's peak: 0.4 (baseline), 1.0 (final)"),
     "weight_decay": Number(low=0, hint="Page: 5e-4"),
     "momentum": Number(low=0, high=1, high_open=True, hint="Page uses 0.9"),
@@ -367,6 +403,39 @@ OPTIM = Section({
     "hold_invariant": Boolean(),
     "reference_batch_size": POSITIVE,
     "reference_momentum": Number(low=0, high=1, high_open=True),
+})
+
+AIRBENCH_SGD = Section({
+    "builder": Text(),
+    "lr_per_1024": Number(low=0, hint="airbench94: 11.5"),
+    "weight_decay_per_1024": Number(low=0, hint="airbench94: 0.0153"),
+    "bias_scaler": Number(low=0, hint="airbench94: 64"),
+    "momentum": Number(low=0, high=1, high_open=True, hint="airbench94: 0.85"),
+    "nesterov": Boolean(),
+    "fused": Boolean(),
+    "schedule": SCHEDULE,
+})
+
+MUON = Section({
+    "builder": Text(),
+    "lr": Number(low=0, hint="airbench94_muon: 0.24"),
+    "muon_momentum": Number(low=0, high=1, high_open=True),
+    "ns_steps": Number(integer=True, low=1, high=20),
+    "renormalize": Boolean(),
+    "momentum": Number(low=0, high=1, high_open=True),
+    "nesterov": Boolean(),
+    "bias_lr": Number(low=0),
+    "head_lr": Number(low=0),
+    "weight_decay_per_example": Number(low=0),
+    "whiten_bias_schedule": Section({"epochs": SCHEDULE.fields["epochs"], "factors": SCHEDULE.fields["factors"]},
+                                    nullable=True),
+    "schedule": SCHEDULE,
+})
+
+OPTIMIZERS = Keyed("builder", {
+    "cifar_speedrun.optim.page_sgd": OPTIM,
+    "cifar_speedrun.optim.airbench_sgd": AIRBENCH_SGD,
+    "cifar_speedrun.optim.muon_sgd": MUON,
 })
 
 TRAINER = Built(fields={
@@ -382,8 +451,9 @@ TRAINER = Built(fields={
 
 TOP_LEVEL = Section({
     "data": DATA,
-    "model": Built(by_target={"cifar_speedrun.model.DavidNet": DAVIDNET}, nullable=False),
-    "optim": OPTIM,
+    "model": Built(by_target={"cifar_speedrun.model.DavidNet": DAVIDNET,
+                              "cifar_speedrun.model.AirbenchNet": AIRBENCH}, nullable=False),
+    "optim": OPTIMIZERS,
     "trainer": TRAINER,
     "logger": BuiltGroup(Built()),
     "callbacks": BuiltGroup(Built()),
@@ -395,7 +465,7 @@ TOP_LEVEL = Section({
     "seed": Number(integer=True, low=0, high=MAX_SEED, hint="any integer in [0, 2^32 - 1]"),
     "tags": ListOf(Text()),
     "cpu_mixed_precision": Choice(("bf16-mixed", "32-true", "16-mixed")),
-    "epochs": Number(integer=True, low=1, hint="e.g. epochs=24 (Page's baseline) or epochs=10 (his final)"),
+    "epochs": Number(low=0, low_open=True, hint="e.g. epochs=24 (Page's baseline), 10 (his final), 9.9 (airbench)"),
     "target_acc": Number(low=0, high=1),
     "loss": Section({"label_smoothing": Number(low=0, high=1, high_open=True, hint="Page uses 0.2")}),
     "tta": Section({"flip": Boolean(), "translate": Boolean(), "reduce": Choice(("logits", "log_softmax"))}),

@@ -218,7 +218,7 @@ class StartLine(Callback):
     def __init__(self, cfg: DictConfig, tricks: list[str], output_dir: str) -> None:
         self.model_name = str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
         self.width = cfg.model.get("width")
-        self.epochs = int(cfg.epochs)
+        self.epochs = float(cfg.epochs)
         self.tricks = tricks
         self.output_dir = output_dir
         self.line: str | None = None
@@ -240,7 +240,7 @@ class StartLine(Callback):
             f"[run] {self.model_name} width {self.width} ({_count(parameters)} parameters) · "
             f"train {_count(train_images)} / test {_count(test_images)} images · {steps} steps of "
             f"{batches.batch_size * batches.world_size} an epoch ({_count(train_images - used)} images dropped "
-            f"each epoch) · {self.epochs} epochs · {where}, {trainer.precision} · tricks: "
+            f"each epoch) · {self.epochs:g} epochs · {where}, {trainer.precision} · tricks: "
             f"{', '.join(self.tricks) or 'none'} · output: {self.output_dir}"
         )
         if trainer.is_global_zero:

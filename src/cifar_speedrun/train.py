@@ -7,6 +7,7 @@ module, the model, the LightningModule and the callbacks already understand.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 import time
@@ -89,7 +90,7 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
                         "(e.g. <run>/checkpoints/last.ckpt)")
     checkpoint = storage.load_checkpoint(str(ckpt_path))
     finished = int(checkpoint.get("epoch", -1)) + 1
-    if finished >= int(cfg.epochs):
+    if finished >= math.ceil(float(cfg.epochs)):
         raise UserError(
             f"ckpt_path={ckpt_path} is from a run that already trained {finished} epochs (epochs={cfg.epochs}): "
             f"nothing is left to train. Evaluate it with `python eval.py ckpt_path={ckpt_path}`, or set "
@@ -139,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         channels_last=bool(cfg.channels_last),
         nan_check_every=int(cfg.nan_check_every),
         run_config=run_config,
-        epochs=int(cfg.epochs),
+        epochs=float(cfg.epochs),
     )
     eff = module.effective
     print(f"[optim] lr {eff['lr']:.4g}, weight decay {eff['weight_decay']:.4g}, momentum {eff['momentum']}, "

@@ -1,0 +1,254 @@
+"""Optimizers as each recipe writes them: Page's SGD, airbench's decoupled SGD, airbench's Muon + SGD.
+
+`optim=<name>` picks a config whose `builder` names one function here,
+
+    builder(net, optim_cfg, batch_size, device_type) -> Built(optimizer, effective, group_knots)
+
+so a recipe's optimizer is a config choice, not a branch in the LightningModule. Every builder
+works on the mean loss over the batch (module.py): where a recipe sums the loss (Page, airbench),
+its learning rates are per example and are multiplied by the batch size here, and its weight decay
+is converted so that the shrink per step, lr x weight_decay, is the recipe's. `effective` records
+the numbers in use (results.json `effective_optim`), in both forms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_speedrun.model import PatchWhitening
+
+
+@dataclass
+class Built:
+    optimizer: torch.optim.Optimizer
+    effective: dict[str, Any]
+    # Per-group schedules that differ from the run's (group name -> (knots in epochs, factors)).
+    group_knots: dict[str, tuple[list[Any], list[float]]] = field(default_factory=dict)
+
+
+def norm_biases(net: nn.Module) -> list[nn.Parameter]:
+    """The biases of the normalization layers: Page's and airbench's "bias" group (their nets have no
+    other biases except airbench's whitening bias, which both recipes train with the weights)."""
+    out = []
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
+            out.append(module.bias)
+    return out
+
+
+def _sgd(groups: list[dict[str, Any]], momentum: float, nesterov: bool, device_type: str,
+         fused: bool = True) -> torch.optim.SGD:
+    # One fused kernel for the whole update on CUDA; foreach (multi-tensor) elsewhere.
+    use_fused = bool(fused) and device_type == "cuda"
+    return torch.optim.SGD([g for g in groups if g["params"]], momentum=momentum, nesterov=nesterov,
+                           fused=use_fused or None, foreach=None if use_fused else True)
+
+
+def _split(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(norm biases, everything else), all parameters included; frozen ones too, since a parameter may
+    start training later (airbench's whitening bias) and SGD skips those without a gradient."""
+    biases = norm_biases(net)
+    ids = {id(p) for p in biases}
+    return biases, [p for p in net.parameters() if id(p) not in ids and p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------------
+# Page: SGD on the mean loss, lr and weight decay as in his summed-loss code times / over the batch
+# ------------------------------------------------------------------------------------------------
+
+
+def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[str, float]:
+    """The learning rate and weight decay to use, in Page's invariant form (part 5).
+
+    With the mean loss, our lr η equals Page's per-example rate λ = η/N times N. Page's argument:
+    what stays optimal is λ (= η/N) when N changes, λ/(1-ρ) when the momentum ρ changes, and λα
+    (= ηα: the weight-decay shrink per step) throughout. With `hold_invariant`, the configured lr and
+    weight decay are taken as tuned at (reference_batch_size, reference_momentum) and rescaled so
+    those three quantities are unchanged at the batch size and momentum in use.
+    """
+    lr, wd, momentum = float(optim["lr"]), float(optim["weight_decay"]), float(optim["momentum"])
+    if optim.get("hold_invariant", False):
+        ref_n, ref_rho = float(optim["reference_batch_size"]), float(optim["reference_momentum"])
+        scaled_lr = lr * (batch_size / ref_n) * ((1.0 - momentum) / (1.0 - ref_rho))
+        wd = wd * lr / scaled_lr  # keep ηα fixed
+        lr = scaled_lr
+    return {
+        "lr": lr,
+        "weight_decay": wd,
+        "momentum": momentum,
+        "batch_size": batch_size,
+        "lr_per_example": lr / batch_size,  # Page's λ/N: the lr of his summed-loss code
+        "lr_per_example_over_1_minus_momentum": lr / batch_size / (1.0 - momentum),
+        "lr_times_weight_decay": lr * wd,
+    }
+
+
+def page_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
+    """Nesterov SGD; BN biases with their own lr and weight-decay factors (Page's frozen_bn_scale: x64, /64)."""
+    effective = effective_hyperparameters(optim, batch_size)
+    lr, wd = effective["lr"], effective["weight_decay"]
+    biases, weights = _split(net)
+    lr_factor = float(optim.get("bias_lr_factor", 1.0))
+    wd_factor = float(optim.get("bias_wd_factor", 1.0))
+    groups = [{"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"},
+              {"params": [b for b in biases if b.requires_grad], "lr": lr * lr_factor,
+               "weight_decay": wd * wd_factor, "name": "biases"}]
+    optimizer = _sgd(groups, effective["momentum"], bool(optim.get("nesterov", True)), device_type,
+                     bool(optim.get("fused", True)))
+    return Built(optimizer, effective)
+
+
+# ------------------------------------------------------------------------------------------------
+# airbench: lr and weight decay "per 1024 examples", weight decay decoupled from the lr
+# ------------------------------------------------------------------------------------------------
+
+
+def airbench_scale(momentum: float) -> float:
+    """airbench94's `kilostep_scale = 1024 * (1 + 1 / (1 - momentum))`: its lr is per 1024 examples and
+    per unit of the momentum's gain 1/(1-ρ), so it stays put when the batch size or momentum change."""
+    return 1024.0 * (1.0 + 1.0 / (1.0 - momentum))
+
+
+def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
+    """airbench94's optimizer: Nesterov SGD with
+
+        lr (per example, summed loss) = lr_per_1024 / kilostep_scale
+        weight-decay shrink per step  = weight_decay_per_1024 * batch / kilostep_scale   (lr-independent)
+        BN biases                     : lr x bias_scaler, the same shrink
+
+    On our mean loss the group lr is that per-example lr times the batch, and weight_decay is the
+    shrink over the group lr, so lr x weight_decay is airbench's shrink (decoupled: it follows the
+    schedule's factor, not the lr's size).
+    """
+    momentum = float(optim["momentum"])
+    scale = airbench_scale(momentum)
+    lr_example = float(optim["lr_per_1024"]) / scale
+    shrink = float(optim["weight_decay_per_1024"]) * batch_size / scale
+    bias_example = lr_example * float(optim["bias_scaler"])
+    biases, weights = _split(net)
+    groups = [
+        {"params": [b for b in biases if b.requires_grad], "lr": bias_example * batch_size,
+         "weight_decay": shrink / (bias_example * batch_size), "name": "biases"},
+        {"params": weights, "lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
+         "name": "weights"},
+    ]
+    optimizer = _sgd(groups, momentum, bool(optim.get("nesterov", True)), device_type, bool(optim.get("fused", True)))
+    effective = {"lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
+                 "momentum": momentum, "batch_size": batch_size, "kilostep_scale": scale,
+                 "lr_per_example": lr_example, "bias_lr_per_example": bias_example,
+                 "weight_decay_shrink_per_step": shrink, "lr_times_weight_decay": shrink}
+    return Built(optimizer, effective)
+
+
+# ------------------------------------------------------------------------------------------------
+# airbench94_muon: Muon for the conv filters, Nesterov SGD for biases and the head
+# ------------------------------------------------------------------------------------------------
+
+# Newton-Schulz quintic coefficients for the orthogonalization (Keller Jordan's Muon; the same in
+# airbench94_muon.py and torch.optim.Muon).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(gradient: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to a 2-D gradient (U V^T of its SVD), approximately, by Newton-Schulz.
+
+    In bf16 on CUDA, as airbench; in fp32 on a CPU, where bf16 matrix products are slow.
+    """
+    x = gradient.bfloat16() if gradient.is_cuda else gradient.float()
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.T
+    return x.to(gradient.dtype)
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """One optimizer for Lightning, two rules: groups with `muon=True` take Muon steps, the others SGD.
+
+    Muon (as airbench94_muon.py): momentum buffer m <- ρm + g, Nesterov g + ρm; each 4-D conv filter is
+    viewed as a (out, in*k*k) matrix and its update is that matrix orthogonalized; the filter is
+    rescaled to norm sqrt(out) before the step (`renormalize`), so its scale, which BN makes
+    irrelevant, stays put. SGD groups: PyTorch's Nesterov SGD with coupled weight decay.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], momentum: float = 0.85, nesterov: bool = True,
+                 ns_steps: int = 3, renormalize: bool = True) -> None:
+        defaults = {"lr": 0.0, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0, "muon": False,
+                    "ns_steps": ns_steps, "renormalize": renormalize}
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if not group["muon"] and group["weight_decay"]:
+                    grad = grad.add(param, alpha=group["weight_decay"])
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(momentum).add_(grad)
+                update = grad.add(buffer, alpha=momentum) if nesterov else buffer
+                if group["muon"]:
+                    if group["renormalize"]:
+                        param.mul_(math.sqrt(param.size(0)) / (param.norm() + 1e-12))
+                    update = orthogonalize(update.reshape(update.size(0), -1), group["ns_steps"]).view_as(param)
+                param.add_(update, alpha=-lr)
+        return loss
+
+
+def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
+    """airbench94_muon's optimizer: Muon(conv filters, lr 0.24, momentum 0.6, Nesterov) and SGD(momentum 0.85,
+    Nesterov) for the whitening bias, the BN biases (lr 0.053 per example) and the head (0.67), with the
+    decoupled shrink 2e-6 x batch per step; the whitening bias's lr decays to 0 over its own epochs."""
+    filters = [p for name, p in net.named_parameters() if p.ndim == 4 and p.requires_grad]
+    filter_ids = {id(p) for p in filters}
+    biases = [p for p in norm_biases(net) if p.requires_grad]
+    bias_ids = {id(p) for p in biases}
+    whiten_bias = [m.bias for m in net.modules() if isinstance(m, PatchWhitening) and m.bias is not None]
+    whiten_ids = {id(p) for p in whiten_bias}
+    head = [p for p in net.parameters() if p.requires_grad and id(p) not in filter_ids | bias_ids | whiten_ids]
+    shrink = float(optim["weight_decay_per_example"]) * batch_size
+
+    def sgd_group(params: list[nn.Parameter], lr_example: float, name: str) -> dict[str, Any]:
+        lr = lr_example * batch_size
+        return {"params": params, "lr": lr, "weight_decay": shrink / lr, "name": name}
+
+    groups = [
+        {"params": filters, "lr": float(optim["lr"]), "momentum": float(optim["muon_momentum"]), "muon": True,
+         "name": "filters"},
+        sgd_group(whiten_bias, float(optim["bias_lr"]), "whiten_bias"),
+        sgd_group(biases, float(optim["bias_lr"]), "biases"),
+        sgd_group(head, float(optim["head_lr"]), "head"),
+    ]
+    optimizer = MuonSGD([g for g in groups if g["params"]], momentum=float(optim["momentum"]),
+                        nesterov=bool(optim.get("nesterov", True)), ns_steps=int(optim["ns_steps"]),
+                        renormalize=bool(optim.get("renormalize", True)))
+    effective = {"lr": float(optim["lr"]), "muon_momentum": float(optim["muon_momentum"]),
+                 "momentum": float(optim["momentum"]), "batch_size": batch_size,
+                 "bias_lr_per_example": float(optim["bias_lr"]), "head_lr_per_example": float(optim["head_lr"]),
+                 "weight_decay_shrink_per_step": shrink, "ns_steps": int(optim["ns_steps"])}
+    group_knots = {}
+    whiten_schedule = optim.get("whiten_bias_schedule")
+    if whiten_schedule:
+        group_knots["whiten_bias"] = (list(whiten_schedule["epochs"]), [float(f) for f in whiten_schedule["factors"]])
+    return Built(optimizer, effective, group_knots)
