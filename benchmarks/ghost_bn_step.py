@@ -3,8 +3,8 @@
 Before: after every training forward, each GhostBatchNorm recombined its 16 per-split running
 statistics into `running_mean` / `running_var` (`EagerGhostBatchNorm` below keeps that behaviour).
 After: `model.GhostBatchNorm` combines them once, at the first eval forward. Both sides train the
-same DavidNet (ghost_bn on, same width, weights and batches) with SGD; repetitions alternate a, b,
-a, b, ... Prints the median step time of each, the ratio after/before, and the number of tensor
+same DavidNet (ghost_bn on, same width, weights and batches) with SGD; repetitions alternate
+a, b, b, a, ... Prints the median step time of each, the ratio after/before, and the number of tensor
 operations per step (torch.profiler): on a GPU each is a kernel launch, and launch overhead is
 what a 10-second run is made of.
 
@@ -95,8 +95,13 @@ def main() -> None:
     after_ops = ops_per_step(after_net, *batches[0])
     before, after = [], []
     for repeat in range(args.repeats):
-        before += train_steps(before_net, batches)
-        after += train_steps(after_net, batches)
+        # Alternate which side goes first, so drift of the machine and allocator warm-up hit both alike.
+        if repeat % 2 == 0:
+            before += train_steps(before_net, batches)
+            after += train_steps(after_net, batches)
+        else:
+            after += train_steps(after_net, batches)
+            before += train_steps(before_net, batches)
         print(f"repeat {repeat + 1}: before {statistics.median(before) * 1e3:.1f} ms/step, "
               f"after {statistics.median(after) * 1e3:.1f} ms/step", flush=True)
     b, a = statistics.median(before), statistics.median(after)

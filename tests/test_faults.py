@@ -313,7 +313,7 @@ def test_disk_full_is_named_and_the_previous_file_survives(tmp_path: Path, monke
 
 
 def test_disk_full_while_checkpointing_fails_the_run_with_a_message_that_matches_results(
-        tmp_path: Path, archive: str, cache_dir: str, monkeypatch, capsys) -> None:
+        tmp_path: Path, archive: str, cache_dir: str, real_data, monkeypatch, capsys) -> None:
     real = storage._write_file
 
     def full_for_checkpoints(handle: int, data: bytes) -> None:
@@ -577,7 +577,7 @@ def test_report_survives_bad_results_files(tmp_path: Path) -> None:
     assert "| 1 | (shared settings) | 1 | 90.00 |" in text or "| 1 | a=1 | 1 | 90.00 |" in text
     assert "holds a JSON list, not an object" in text
     assert "test_acc='0.91' is not a finite number" in text
-    assert "4/results.json: not UTF-8" in text and "JSONDecodeError" in text
+    assert "3/results.json: not UTF-8" in text and "JSONDecodeError" in text
 
 
 def test_report_into_an_unwritable_place_says_where(tmp_path: Path, capsys) -> None:

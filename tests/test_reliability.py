@@ -47,9 +47,11 @@ def test_ddp_two_cpu_processes_shard_the_data(tmp_path: Path, archive: str, cach
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["status"] == "ok"
     assert results["test_acc"] == pytest.approx(ranks[0]["test_acc"]) == pytest.approx(ranks[1]["test_acc"])
-    logged = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
-    last_logged = [line for line in logged if line.split(",")[2]][-1].split(",")[2]
-    assert float(last_logged) == pytest.approx(results["test_acc"])
+    import csv
+
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        logged = [row["test/acc"] for row in csv.DictReader(handle) if row.get("test/acc")]
+    assert float(logged[-1]) == pytest.approx(results["test_acc"])
 
 
 # ---------------------------------------------------------------- submitit

@@ -156,5 +156,5 @@ def test_failing_job_is_recorded_and_sweep_goes_on_with_wandb(tmp_path: Path, ar
     first, second = summarize(runs[0]), summarize(runs[1])
     assert first["group"] == second["group"] == f"train-multirun-{sweep.name}"
     assert first["tags"] == ["label_smoothing"]
-    assert "run_config" in first["config"] and "optim" in first["config"]
+    assert "run_config" not in first["config"] and "optim" in first["config"] and "config_key" in first["config"]
     assert "test/acc" in first["history_keys"] and "final/test_acc" in first["summary"]

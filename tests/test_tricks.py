@@ -20,8 +20,9 @@ from cifar_speedrun.errors import UserError
 from cifar_speedrun.model import BatchNorm, DavidNet, GhostBatchNorm, PatchWhitening
 from cifar_speedrun.module import SpeedrunModule, effective_hyperparameters, resolve_knots, tta_logits
 
-ALL_TRICKS = ["mixed_precision", "pool_before_norm", "label_smoothing", "celu", "ghost_bn", "frozen_bn_scale",
-              "whitening", "ema", "tta", "compile", "channels_last"]
+PAGE_TRICKS = ["mixed_precision", "pool_before_norm", "label_smoothing", "celu", "ghost_bn", "frozen_bn_scale",
+               "whitening", "ema", "tta"]
+ALL_TRICKS = [*PAGE_TRICKS, "compile", "channels_last", "dirac_init", "alternating_flip", "lookahead"]
 
 
 def build(cfg) -> SpeedrunModule:
@@ -263,7 +264,7 @@ def test_hold_invariant_rescales_lr_and_weight_decay() -> None:
 
 
 # ---------------------------------------------------------------- composition
-@pytest.mark.parametrize("tricks", [[t] for t in ALL_TRICKS if t != "compile"] + [ALL_TRICKS[:-2]])
+@pytest.mark.parametrize("tricks", [[t] for t in ALL_TRICKS if t != "compile"] + [PAGE_TRICKS])
 def test_tricks_compose_build_and_train_a_step(compose_cfg, tricks: list[str]) -> None:
     cfg = compose_cfg(f"trick=[{','.join(tricks)}]", "model.width=0.125", "trainer=cpu", "data.batch_size=64",
                       "model.norm.ghost_splits=4")
@@ -290,7 +291,7 @@ def test_experiments_compose(compose_cfg, experiment: str) -> None:
         assert cfg.epochs == 10 and cfg.optim.lr == 1.0 and cfg.data.batch_size == 512
         assert resolve_knots(list(cfg.optim.schedule.epochs), cfg.epochs) == [0, 2, 8]
         assert list(cfg.optim.schedule.factors) == [0, 1, 0.1]
-        assert set(cfg.applied_tricks) == set(ALL_TRICKS) - {"compile", "channels_last"}
+        assert set(cfg.applied_tricks) == set(PAGE_TRICKS)
         assert cfg.data.cutout is False
     if experiment == "page_baseline":
         assert cfg.epochs == 24 and list(cfg.applied_tricks) == ["mixed_precision"]  # Page's baseline is fp16
@@ -344,7 +345,7 @@ def test_leave_one_out_sweep_expands_to_all_and_each_minus_one(compose_cfg) -> N
     overrides = [f"{key}={value}" for key, value in params.items()]
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
     tricks = {next(o for o in job if o.startswith("trick=")) for job in jobs}
-    full = set(ALL_TRICKS) - {"compile", "channels_last"}
+    full = set(PAGE_TRICKS)
     lists = [set(t[len("trick=["):-1].split(",")) for t in tricks]
     assert len(jobs) == 30 and len(lists) == 10
     assert full in lists and sorted(len(full - s) for s in lists) == [0] + [1] * 9

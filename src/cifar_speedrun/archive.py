@@ -45,7 +45,7 @@ def unsafe_zip_member(info: zipfile.ZipInfo, target: Path) -> str | None:
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "a link"
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # zips often carry no file type
         return "not a regular file or folder"
     if _outside(info.filename, target):
         return "a path outside the extraction folder"
@@ -77,5 +77,6 @@ def safe_extract(archive: Path, target: Path) -> None:
             else:  # pragma: no cover - Python < 3.11.4; every member was checked above
                 bundle.extractall(target, members=members)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
-        raise UserError(f"could not extract {archive} ({type(error).__name__}: {error}); the archive is corrupt "
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(f"could not extract {archive} ({type(error).__name__}: {first}); the archive is corrupt "
                         "or not a .tar/.tar.gz/.zip: replace it") from error

@@ -64,11 +64,11 @@ def _trained_model(path: str) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
-    schema.check(cfg, schema.EVAL)
     extra = [name for name in (cfg.get("applied_tricks") or {}) if name not in EVAL_TRICKS]
     if extra:
         raise UserError(f"trick {extra[0]!r} changes training, not evaluation: eval.py takes only "
                         f"{', '.join(EVAL_TRICKS)} (the model is evaluated as it was trained)")
+    schema.check(cfg, schema.EVAL)
     path = str(cfg.ckpt_path)
     trained = _trained_model(path)
     tta = dict(trained["tta"])

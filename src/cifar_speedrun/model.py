@@ -324,6 +324,8 @@ class DavidNet(nn.Sequential):
 
 # airbench94 (cifar10-airbench airbench94.py, hyp['net']): block widths at base width 64.
 AIRBENCH_WIDTHS = (64, 256, 256)
+# airbench94's BatchNorm: eps 1e-12, momentum 0.6 in its convention (PyTorch's 1 - 0.6), scale frozen.
+AIRBENCH_NORM = {"eps": 1e-12, "momentum": 0.4, "freeze_scale": True}
 # airbench94: logits multiplied by 1/9 (hyp['net']['scaling_factor']).
 AIRBENCH_LOGIT_SCALE = 1 / 9
 
@@ -359,7 +361,7 @@ class AirbenchNet(nn.Sequential):
     ) -> None:
         if not width or width <= 0:
             raise UserError(f"model.width={width} must be > 0 (1.0 is airbench94; 0.125 for CPU runs)")
-        make_norm = norm_factory(norm)
+        make_norm = norm_factory({**AIRBENCH_NORM, **(norm or {})})
         _activation(activation, celu_alpha)
 
         def make_act() -> nn.Module:

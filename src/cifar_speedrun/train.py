@@ -143,12 +143,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         epochs=float(cfg.epochs),
     )
     eff = module.effective
-    print(f"[optim] lr {eff['lr']:.4g}, weight decay {eff['weight_decay']:.4g}, momentum {eff['momentum']}, "
-          f"batch {eff['batch_size']} (λ/N {eff['lr_per_example']:.4g}, "
-          f"λ/N/(1-ρ) {eff['lr_per_example_over_1_minus_momentum']:.4g}, λα {eff['lr_times_weight_decay']:.4g})"
-          f"; lr schedule: epochs {[round(k, 4) for k in eff['schedule_epochs']]} -> factors "
-          f"{eff['schedule_factors']}; tricks: {', '.join(tricks) or 'none'}; data: {run_config['data_source']}",
-          flush=True)
+    numbers = ", ".join(f"{key} {value:.4g}" for key, value in eff.items()
+                        if isinstance(value, float) and key not in ("schedule_epochs", "schedule_factors"))
+    builder = str(cfg.optim.get("builder", "page_sgd")).rsplit(".", 1)[-1]
+    print(f"[optim] {builder}: {numbers}, batch {eff['batch_size']}; lr schedule: epochs "
+          f"{[round(k, 4) for k in eff['schedule_epochs']]} -> factors {eff['schedule_factors']}; tricks: "
+          f"{', '.join(tricks) or 'none'}; data: {run_config['data_source']}", flush=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(tracking.StartLine(cfg, tricks, str(cfg.paths.output_dir)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -285,10 +285,14 @@ def main() -> None:
         config_lib.check_group_overrides(args)
         if not os.environ.get("HYDRA_FULL_ERROR"):
             config_lib.check_composition(args, "train")
-        hydra_main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except RunInterrupted as interrupt:  # before a job started, or between the jobs of a multirun
+    except RunInterrupted as interrupt:
+        print(f"error: {interrupt}; nothing was started", file=sys.stderr, flush=True)
+        raise SystemExit(interrupt.exit_code) from None
+    try:
+        hydra_main()
+    except RunInterrupted as interrupt:  # between the jobs of a multirun, or in Hydra's own code
         print(f"error: {interrupt}; nothing more was started", file=sys.stderr, flush=True)
         raise SystemExit(interrupt.exit_code) from None
