@@ -318,7 +318,9 @@ class SpeedrunModule(L.LightningModule):
     # ---------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups for this config (e.g. weights and BN biases apart, Page part 8)."""
-        return self.builder(self.net, self.optim_cfg, self.batch_size, "cpu").optimizer.param_groups
+        groups = self.builder(self.net, self.optim_cfg, self.batch_size, "cpu").optimizer.param_groups
+        keep = ("params", "lr", "weight_decay", "name")
+        return [{key: group[key] for key in keep if key in group} for group in groups]
 
     def configure_optimizers(self) -> dict[str, Any]:
         device_type = self.device.type if isinstance(self.device, torch.device) else "cpu"
