@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -47,8 +48,6 @@ def test_ddp_two_cpu_processes_shard_the_data(tmp_path: Path, archive: str, cach
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["status"] == "ok"
     assert results["test_acc"] == pytest.approx(ranks[0]["test_acc"]) == pytest.approx(ranks[1]["test_acc"])
-    import csv
-
     with open(tmp_path / "csv" / "metrics.csv") as handle:
         logged = [row["test/acc"] for row in csv.DictReader(handle) if row.get("test/acc")]
     assert float(logged[-1]) == pytest.approx(results["test_acc"])
