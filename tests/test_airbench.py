@@ -260,8 +260,9 @@ def test_muon_updates_only_the_conv_filters_and_sgd_the_rest(compose_cfg) -> Non
     assert groups["filters"]["muon"] and not any(groups[n]["muon"] for n in ("whiten_bias", "biases", "head"))
     assert [id(p) for p in groups["head"]["params"]] == [id(net.linear.weight)]
     assert [id(p) for p in groups["whiten_bias"]["params"]] == [id(net.whiten.bias)]
-    assert groups["biases"]["lr"] == pytest.approx(0.053 * 64)
-    assert groups["head"]["lr"] == pytest.approx(0.67 * (32 / 256) * 64)  # head width 32 of airbench's 256
+    assert groups["whiten_bias"]["lr"] == pytest.approx(0.053 * 64)
+    assert groups["biases"]["lr"] == pytest.approx(0.053 * (32 / 256) * 64)  # head width 32 of airbench's 256
+    assert groups["head"]["lr"] == pytest.approx(0.67 * (32 / 256) * 64)
     assert groups["head"]["lr"] * groups["head"]["weight_decay"] == pytest.approx(2e-6 * 64)
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
     frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
@@ -281,10 +282,12 @@ def test_muon_updates_only_the_conv_filters_and_sgd_the_rest(compose_cfg) -> Non
 
 @pytest.mark.parametrize("width,reference,factor", [(1.0, 256, 1.0), (0.125, 256, 0.125), (0.5, 256, 0.5),
                                                      (0.125, None, 1.0)])
-def test_the_muon_head_lr_keeps_airbenchs_logit_step_at_any_width(compose_cfg, width, reference, factor) -> None:
-    """The head divides its logits by its feature count, so its lr scales with the width (x1 at airbench's)."""
+def test_the_muon_head_and_bn_bias_lrs_keep_airbenchs_steps_at_any_width(compose_cfg, width, reference,
+                                                                         factor) -> None:
+    """The head divides its logits by its feature count d, so the head's and the BN biases' gradients scale
+    as 1/d and their lrs as d (x1 at airbench's width); the whitening bias and the Muon filters keep theirs."""
     cfg = compose_cfg("experiment=airbench94_muon", f"model.width={width}",
-                      f"optim.head_lr_reference_features={'null' if reference is None else reference}")
+                      f"optim.width_reference_features={'null' if reference is None else reference}")
     net = instantiate(cfg.model)
     assert net.linear.in_features == round(256 * width)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -293,6 +296,12 @@ def test_the_muon_head_lr_keeps_airbenchs_logit_step_at_any_width(compose_cfg, w
     assert head["lr"] == pytest.approx(0.67 * factor * 100)
     assert head["lr"] * head["weight_decay"] == pytest.approx(2e-6 * 100)  # the shrink does not scale
     assert built.effective["head_lr_per_example"] == pytest.approx(0.67 * factor)
+    groups = {g["name"]: g for g in built.optimizer.param_groups}
+    assert groups["biases"]["lr"] == pytest.approx(0.053 * factor * 100)
+    assert groups["biases"]["lr"] * groups["biases"]["weight_decay"] == pytest.approx(2e-6 * 100)
+    assert groups["whiten_bias"]["lr"] == pytest.approx(0.053 * 100)
+    assert groups["filters"]["lr"] == pytest.approx(0.24)
+    assert built.effective["width_factor"] == pytest.approx(factor)
 
 
 def test_the_whitening_bias_has_its_own_lr_schedule_in_the_muon_recipe(compose_cfg) -> None:

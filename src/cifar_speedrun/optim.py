@@ -217,14 +217,18 @@ class MuonSGD(torch.optim.Optimizer):
 
 
 def head_width_factor(net: nn.Module, reference_features: float | None) -> float:
-    """How much to scale the head's learning rate so that its step stays the one tuned at the reference width.
+    """How much to scale the learning rates of the SGD groups whose gradients carry the head's 1/d.
 
     airbench94_muon's head divides its logits by the feature count d (`head(x) / x.size(-1)`) and starts
-    from unit-std weights, so one SGD step on the head moves the logits by about lr / d: at width 0.125
-    (d = 32) eight times as far as at the d = 256 airbench tuned head_lr 0.67 for. The factor
-    d / reference keeps lr / d, and is exactly 1 at airbench's width; None: no scaling. On the CPU proxy
-    (README, "Page vs airbench") it lifted seed 0 from 57.3% to 68.3%; the recipe stays below airbench94
-    there, so the head is not the whole story at that width.
+    from unit-std weights, so every gradient that flows back through the head is proportional to 1/d:
+    the head's own and the BN biases' (measured at initialization, batch 2000, by
+    benchmarks/muon_width_probe.py --init-grads: RMS BN-bias gradient 5.7e-4 to 1.1e-3 at d = 32 vs
+    6.8e-5 to 7.7e-5 at d = 256; the whitening bias's, 2e-4 to 3.6e-4, does not depend on d). With
+    airbench's rates, tuned at d = 256, those groups step eight times as far at width 0.125 (d = 32):
+    on the proxy the first steps pushed the last BN biases to -10..-20, every GELU went silent and the
+    loss sat at ln 10 for four epochs. The factor d / reference keeps airbench's step size; it is
+    exactly 1 at airbench's width. None: no scaling. Muon's filter steps are orthogonalized, hence
+    scale-free, and need no factor.
     """
     if not reference_features:
         return 1.0
@@ -237,7 +241,8 @@ def head_width_factor(net: nn.Module, reference_features: float | None) -> float
 def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
     """airbench94_muon's optimizer: Muon(conv filters, lr 0.24, momentum 0.6, Nesterov) and SGD(momentum 0.85,
     Nesterov) for the whitening bias, the BN biases (lr 0.053 per example) and the head (0.67), with the
-    decoupled shrink 2e-6 x batch per step; the whitening bias's lr decays to 0 over its own epochs."""
+    decoupled shrink 2e-6 x batch per step; the whitening bias's lr decays to 0 over its own epochs.
+    Below airbench's width the BN-bias and head lrs are scaled by `head_width_factor`."""
     filters = [p for name, p in net.named_parameters() if p.ndim == 4 and p.requires_grad]
     filter_ids = {id(p) for p in filters}
     biases = [p for p in norm_biases(net) if p.requires_grad]
@@ -246,7 +251,9 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
     whiten_ids = {id(p) for p in whiten_bias}
     head = [p for p in net.parameters() if p.requires_grad and id(p) not in filter_ids | bias_ids | whiten_ids]
     shrink = float(optim["weight_decay_per_example"]) * batch_size
-    head_lr = float(optim["head_lr"]) * head_width_factor(net, optim.get("head_lr_reference_features"))
+    width_factor = head_width_factor(net, optim.get("width_reference_features"))
+    head_lr = float(optim["head_lr"]) * width_factor
+    bias_lr = float(optim["bias_lr"]) * width_factor
 
     def sgd_group(params: list[nn.Parameter], lr_example: float, name: str) -> dict[str, Any]:
         lr = lr_example * batch_size
@@ -256,7 +263,7 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
         {"params": filters, "lr": float(optim["lr"]), "momentum": float(optim["muon_momentum"]), "muon": True,
          "name": "filters"},
         sgd_group(whiten_bias, float(optim["bias_lr"]), "whiten_bias"),
-        sgd_group(biases, float(optim["bias_lr"]), "biases"),
+        sgd_group(biases, bias_lr, "biases"),
         sgd_group(head, head_lr, "head"),
     ]
     optimizer = MuonSGD([g for g in groups if g["params"]], momentum=float(optim["momentum"]),
@@ -264,7 +271,8 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
                         renormalize=bool(optim.get("renormalize", True)))
     effective = {"lr": float(optim["lr"]), "muon_momentum": float(optim["muon_momentum"]),
                  "momentum": float(optim["momentum"]), "batch_size": batch_size,
-                 "bias_lr_per_example": float(optim["bias_lr"]), "head_lr_per_example": head_lr,
+                 "whiten_bias_lr_per_example": float(optim["bias_lr"]), "bias_lr_per_example": bias_lr,
+                 "head_lr_per_example": head_lr, "width_factor": width_factor,
                  "weight_decay_shrink_per_step": shrink, "ns_steps": int(optim["ns_steps"])}
     group_knots = {}
     whiten_schedule = optim.get("whiten_bias_schedule")

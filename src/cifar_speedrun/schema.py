@@ -426,7 +426,7 @@ MUON = Section({
     "nesterov": Boolean(),
     "bias_lr": Number(low=0),
     "head_lr": Number(low=0),
-    "head_lr_reference_features": Number(low=1, nullable=True),
+    "width_reference_features": Number(low=1, nullable=True),
     "weight_decay_per_example": Number(low=0),
     "whiten_bias_schedule": Section({"epochs": SCHEDULE.fields["epochs"], "factors": SCHEDULE.fields["factors"]},
                                     nullable=True),
