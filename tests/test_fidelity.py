@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import omegaconf
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +256,19 @@ def test_cpu_proxy_keeps_the_full_training_set_and_the_recipe(compose_cfg) -> No
     # a trick after the experiment (the leave-one-out sweep's lists) keeps the proxy in fp32
     assert compose_cfg("experiment=cpu_proxy", "+trick=mixed_precision").trainer.precision == "32-true"
     assert compose_cfg("+trick=mixed_precision", "trainer=cpu").trainer.precision == "bf16-mixed"
+
+
+def test_page_final_on_the_proxy_is_the_s7_row(compose_cfg) -> None:
+    """README's recipes table takes page_final's proxy runs from the s7 row of Page's table: one config."""
+
+    def job(*overrides: str) -> dict:
+        cfg = compose_cfg(*overrides)
+        with omegaconf.open_dict(cfg):
+            del cfg["hydra"]  # where the run writes, not what it trains
+        job = OmegaConf.to_container(cfg, resolve=True)
+        del job["task_name"], job["paths"]
+        return job
+
+    page_final, s7 = job("experiment=page_final", "proxy=cpu"), job("experiment=cpu_proxy", "stage=s7_tta")
+    assert page_final == s7
+    assert page_final["model"]["width"] == 0.125 and page_final["epochs"] == 10
