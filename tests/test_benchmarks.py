@@ -46,3 +46,26 @@ def test_cpu_benchmarks_print_their_ratios(archive: str, cache_dir: str, real_da
                    archive, cache_dir)
     assert augment.returncode == 0, augment.stderr[-3000:]
     assert "ratio a/b = " in augment.stdout
+
+
+@pytest.mark.slow
+def test_muon_width_probe_measures_the_head_s_one_over_d_in_the_bias_gradients(archive: str, cache_dir: str,
+                                                                               real_data) -> None:
+    """The mechanism behind optim.width_reference_features, measured as the probe measures it: at
+    initialization the BN-bias (and head) gradients grow as the width shrinks, the whitening bias's do not."""
+
+    def rms(width: float) -> dict[str, float]:
+        result = _run(["benchmarks/muon_width_probe.py", "--init-grads", f"model.width={width}",
+                       "data.subset=2000", "data.batch_size=500"], archive, cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        numbers = result.stdout.strip().splitlines()[-1].split("RMS gradient at init ")[1]
+        return {name: float(value) for name, value in (part.split() for part in numbers.split(", "))}
+
+    narrow, wide = rms(0.125), rms(0.5)
+    assert narrow["biases"] > 2.5 * wide["biases"] and narrow["head"] > 2.5 * wide["head"]  # d is 4x smaller
+    assert 0.5 < narrow["whiten_bias"] / wide["whiten_bias"] < 2.0
+    steps = _run(["benchmarks/muon_width_probe.py", "--steps", "3", "--every", "1", "model.width=0.125",
+                  "data.subset=2000", "data.batch_size=500"], archive, cache_dir)
+    assert steps.returncode == 0, steps.stderr[-3000:]
+    rows = [line.split() for line in steps.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert [int(row[0]) for row in rows] == [0, 1, 2] and all(len(row) == 9 for row in rows)
