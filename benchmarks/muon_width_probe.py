@@ -8,7 +8,7 @@ i.e. 106 on our mean loss at batch 2000), the share of whitening outputs the GEL
 logits' spread and the head's weight norm. Variants are plain config overrides, e.g.
 
     python benchmarks/muon_width_probe.py --steps 40 model.width=0.125
-    python benchmarks/muon_width_probe.py --steps 40 model.width=0.125 optim.bias_lr=0.0066
+    python benchmarks/muon_width_probe.py --steps 40 model.width=0.125 optim.width_reference_features=null
 
 It is a diagnostic, not a timing: it prints numbers, asserts nothing.
 """
@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cifar_speedrun.model import PatchWhitening
-from cifar_speedrun.module import PiecewiseLinear, resolve_knots
+from cifar_speedrun.module import PiecewiseLinear, group_schedules, resolve_knots
 from cifar_speedrun.optim import muon_sgd
 
 
@@ -53,14 +53,12 @@ def main() -> None:
     batch_size = int(cfg.data.batch_size)
     built = muon_sgd(net, optim_cfg, batch_size, "cpu")
     batches = datamodule.train_dataloader()
-    head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
     steps_per_epoch = len(batches)
     epochs = float(cfg.epochs)
-    schedules = []
+    run_schedule = PiecewiseLinear(resolve_knots(optim_cfg["schedule"]["epochs"], epochs),
+                                   optim_cfg["schedule"]["factors"], steps_per_epoch)
+    schedules = group_schedules(built, run_schedule, epochs)  # as the LightningModule schedules them
     for group in built.optimizer.param_groups:
-        own = built.group_knots.get(group["name"])
-        knots, factors = own if own else (optim_cfg["schedule"]["epochs"], optim_cfg["schedule"]["factors"])
-        schedules.append(PiecewiseLinear(resolve_knots(knots, epochs), factors, steps_per_epoch))
         group["initial_lr"] = group["lr"]
     head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
     if args.init_grads:
@@ -79,18 +77,15 @@ def main() -> None:
     label_smoothing = float(cfg.loss.label_smoothing)
     step = 0
     captured: dict[str, torch.Tensor] = {}  # the whitening output and the head's input of the last forward
+    whitening.register_forward_hook(lambda m, i, o: captured.__setitem__("white", o.detach()))
+    head.register_forward_hook(lambda m, i, o: captured.__setitem__("features", i[0].detach()))
     net.train()
     while step < args.steps:
         for layer in net.modules():
             if hasattr(layer, "set_epoch"):
                 layer.set_epoch(step // steps_per_epoch)
         for images, labels in batches:
-            captured.clear()
-            hooks = [whitening.register_forward_hook(lambda m, i, o: captured.__setitem__("white", o.detach())),
-                     head.register_forward_hook(lambda m, i, o: captured.__setitem__("features", i[0].detach()))]
             logits = net(images)
-            for hook in hooks:
-                hook.remove()
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             loss.backward()
             for group, schedule in zip(built.optimizer.param_groups, schedules, strict=True):

@@ -115,6 +115,17 @@ def check_schedule(epochs: Sequence[float], values: Sequence[float]) -> None:
         raise UserError(f"optim.schedule.factors={list(values)} has a negative learning-rate factor")
 
 
+def group_schedules(built: Any, run_schedule: PiecewiseLinear, epochs: float) -> list[PiecewiseLinear]:
+    """One lr multiplier per parameter group of `built.optimizer` (an optim.Built): the run's schedule,
+    or the group's own knots where the recipe gives it some (airbench's whitening bias)."""
+    schedules = []
+    for group in built.optimizer.param_groups:
+        own = built.group_knots.get(group.get("name", ""))
+        schedules.append(run_schedule if own is None else
+                         PiecewiseLinear(resolve_knots(own[0], epochs), own[1], run_schedule.steps_per_epoch))
+    return schedules
+
+
 def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,
                reduce: str = "logits") -> torch.Tensor:
     """Average of the network's outputs over cheap symmetries of the test image.
@@ -332,12 +343,7 @@ class SpeedrunModule(L.LightningModule):
         epochs = self.epochs if self.epochs is not None else float(max_epochs)
         self.total_steps = math.ceil(epochs * steps_per_epoch - 1e-9)
         self.schedule = PiecewiseLinear(self.schedule_knots, self.optim_cfg["schedule"]["factors"], steps_per_epoch)
-        schedules = []
-        for group in built.optimizer.param_groups:
-            own = built.group_knots.get(group.get("name", ""))
-            schedules.append(self.schedule if own is None else
-                             PiecewiseLinear(resolve_knots(own[0], epochs), own[1], steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, schedules)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, group_schedules(built, self.schedule, epochs))
         return {"optimizer": built.optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
