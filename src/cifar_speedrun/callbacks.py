@@ -118,6 +118,124 @@ class TrainTimer(Callback):
         self.fit_seconds = state_dict.get("fit_seconds", 0.0)
 
 
+def busy_nanoseconds(events: Any, device: str) -> int:
+    """Time during which at least one profiled event of `device` ran (overlaps counted once)."""
+    spans = sorted((e.start_ns(), e.end_ns()) for e in events if str(e.device_type()).endswith(device))
+    busy, end = 0, None
+    for start, stop in spans:
+        if end is None or start > end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    return busy
+
+
+class StepClock(Callback):
+    """Host and device milliseconds per training step: is the run host-bound or device-bound?
+
+    At each training step's start it reads the host clock and records a CUDA event, without a
+    synchronize; the events are read at each epoch's end, after the device has finished (the
+    TrainTimer synchronizes there). Per step, host ms is the host's time from one step's start to
+    the next, device ms the device's. When the host enqueues work faster than the device runs it,
+    host ms < device ms (device-bound, as a speedrun should be); when host ms ~ device ms the device
+    may be waiting for the host. The first epoch (cuDNN autotune, allocator growth) is left out.
+
+    `profile_steps` > 0 also runs torch.profiler (device activity only) over that many steps of the
+    second epoch and sums the device's kernel and copy time per step: `busy_fraction` = kernel time
+    / wall time, well below 1 when the device waits for the host. Profiling slows the host a little,
+    so use it in a run that is not reported.
+    """
+
+    def __init__(self, profile_steps: int = 0, profile_skip: int = 5) -> None:
+        self.profile_steps = int(profile_steps)
+        self.profile_skip = int(profile_skip)
+        self._host: list[float] = []
+        self._events: list[Any] = []
+        self.host_ms: list[float] = []
+        self.device_ms: list[float] = []
+        self.profile: dict[str, Any] | None = None
+        self._profiler: Any = None
+        self._profile_started: float | None = None
+
+    def _mark(self, pl_module: L.LightningModule) -> None:
+        self._host.append(time.perf_counter())
+        if pl_module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append(event)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._host, self._events = [], []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.profile_steps > 0 and trainer.current_epoch == 1 and pl_module.device.type == "cuda":
+            if batch_idx == self.profile_skip:
+                self._start_profiler()
+            elif batch_idx == self.profile_skip + self.profile_steps and self._profiler is not None:
+                self._stop_profiler()
+        self._mark(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # the epoch's last step ends where its evaluation starts
+            self._close(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close(trainer, pl_module)
+
+    def _close(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._host:  # closed already (at the evaluation's start), or no step ran
+            return
+        if self._profiler is not None:  # the epoch was shorter than the window
+            self._stop_profiler()
+        self._mark(pl_module)
+        host, events, self._host, self._events = self._host, self._events, [], []
+        if trainer.current_epoch == 0:
+            return
+        self.host_ms += [1000 * (b - a) for a, b in zip(host, host[1:], strict=False)]
+        if events:
+            events[-1].synchronize()
+            self.device_ms += [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
+
+    def _start_profiler(self) -> None:
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self._profiler = profile(activities=[ProfilerActivity.CUDA])
+            self._profiler.__enter__()
+            self._profile_started = time.perf_counter()
+        except Exception as error:  # a measurement aid: never stop the run
+            self._profiler = None
+            self.profile = {"error": f"{type(error).__name__}: {error}"}
+
+    def _stop_profiler(self) -> None:
+        profiler, self._profiler = self._profiler, None
+        try:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - (self._profile_started or 0.0)
+            profiler.__exit__(None, None, None)
+            busy_ns = busy_nanoseconds(profiler.profiler.kineto_results.events(), "CUDA")
+            steps = self.profile_steps
+            self.profile = {"steps": steps, "wall_ms_per_step": 1000 * wall / steps,
+                            "device_busy_ms_per_step": busy_ns / 1e6 / steps,
+                            "busy_fraction": busy_ns / 1e9 / wall if wall > 0 else None}
+        except Exception as error:
+            self.profile = {"error": f"{type(error).__name__}: {error}"}
+
+    def summary(self) -> dict[str, Any]:
+        """Medians and means over the steps of every epoch after the first (a short run: nothing)."""
+
+        def stats(values: list[float]) -> dict[str, float] | None:
+            if not values:
+                return None
+            ordered = sorted(values)
+            return {"median": ordered[len(ordered) // 2], "mean": sum(values) / len(values)}
+
+        return {"steps": len(self.host_ms), "host_ms": stats(self.host_ms), "device_ms": stats(self.device_ms),
+                "profile": self.profile}
+
+
 class LearningRateLogger(Callback):
     """The learning rate of every parameter group (lr/weights, lr/biases), every `every_n_steps` steps.
 
@@ -244,6 +362,9 @@ class ResultsWriter(Callback):
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": run_config.get("config"),
         }
+        clock = next((cb for cb in trainer.callbacks if isinstance(cb, StepClock)), None)
+        if clock is not None:
+            result["step_ms"] = clock.summary()
         if trainer.is_global_zero:
             storage.write_json_atomic(result, self.path)
         self.result = result
