@@ -223,7 +223,7 @@ def test_model_file_refuses_a_foreign_class(tmp_path: Path) -> None:
 
     torch.save({"format": FORMAT, "model_config": {"_target_": "os.system", "command": "echo owned"},
                 "state_dict": {}, "mean": [0, 0, 0], "std": [1, 1, 1], "classes": []}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="outside cifar_speedrun.model"):
+    with pytest.raises(UserError, match="not one of this project's model families"):
         load_model(str(tmp_path / "evil.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a cifar_speedrun model file"):

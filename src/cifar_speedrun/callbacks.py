@@ -271,7 +271,7 @@ class ModelFileWriter(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from cifar_speedrun.data import CIFAR10_CLASSES
-        from cifar_speedrun.model_file import save_model_file
+        from cifar_speedrun.model_file import DATA_FROM_RUN, save_model_file
 
         if not trainer.is_global_zero:
             return
@@ -284,11 +284,19 @@ class ModelFileWriter(Callback):
         about = {"test_acc": timer.history[-1]["test_acc"] if timer and timer.history else None,
                  "epochs": trainer.current_epoch, "seed": run_config.get("seed"),
                  "tricks": run_config.get("tricks", []), "data": run_config.get("data_source")}
+        data_config = (run_config.get("config") or {}).get("data") or {}
+        data = {key: data_config.get(key) for key in DATA_FROM_RUN if key in data_config}
         save_model_file(self.path, pl_module.net, model_config, datamodule.mean, datamodule.std, CIFAR10_CLASSES,
-                        getattr(pl_module, "tta", None), about)
+                        getattr(pl_module, "tta", None), about, data, str(trainer.precision))
 
 
-def git_commit(directory: str | os.PathLike[str]) -> str | None:
+# The repository the running code comes from: results name the code that ran, wherever it was started.
+CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def git_commit(directory: str | os.PathLike[str] = CODE_DIR) -> str | None:
+    """The commit checked out in the repository holding `directory` ('-dirty' with uncommitted
+    changes to tracked files), or None outside a git checkout (an installed wheel)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
@@ -297,6 +305,19 @@ def git_commit(directory: str | os.PathLike[str]) -> str | None:
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def code_version() -> str:
+    """The code's commit, or the installed package's version when it does not run from a checkout."""
+    commit = git_commit()
+    if commit:
+        return commit
+    try:
+        from importlib.metadata import version
+
+        return f"cifar_speedrun {version('cifar_speedrun')} (installed, no git checkout)"
+    except Exception:
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -312,9 +333,8 @@ class ResultsWriter(Callback):
     still leaves the epochs it finished. Only global rank 0 writes.
     """
 
-    def __init__(self, output_dir: str, filename: str = "results.json", root_dir: str = ".") -> None:
+    def __init__(self, output_dir: str, filename: str = "results.json") -> None:
         self.path = storage.join(output_dir, filename)
-        self.root_dir = root_dir
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._commit: str | None = None
         self.result: dict[str, Any] | None = None  # the last record written
@@ -329,7 +349,7 @@ class ResultsWriter(Callback):
         history = timer.history if timer else []
         run_config = dict(getattr(module, "hparams", {}).get("run_config") or {})
         if self._commit is None:
-            self._commit = git_commit(self.root_dir) or "unknown"
+            self._commit = code_version()
         result = {
             "status": status,
             "error": error,
@@ -415,6 +435,22 @@ class _GuardedAveraging(WeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._has_average():
             super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's `state_dict` is what the run evaluates at this point.
+
+        Lightning writes the average there unconditionally, so before the first update (a run shorter
+        than the averaging's start) eval.py of `last.ckpt` scored the initial weights. Without an
+        update the current weights stay in `state_dict`; the averaging state (no update yet) is kept
+        beside them, so a resumed run starts its average as this one would have.
+        """
+        if self._has_average() or self._average_model is None:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        average_state = self._average_model.state_dict()
+        checkpoint["current_model_state"] = checkpoint["state_dict"]
+        checkpoint["averaging_state"] = {name: value for name, value in average_state.items()
+                                         if not name.startswith("module.")}
 
 
 def _lerp_all(averaged: list[torch.Tensor], current: list[torch.Tensor], weight: float) -> None:

@@ -7,9 +7,7 @@ any GPU time is spent.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -86,54 +84,133 @@ def _one_line(message: str) -> str:
     return " ".join(kept).replace("..", ".")
 
 
-def check_composition(args: list[str], config_name: str = "train") -> None:
-    """Compose the config the first job would get, so a typo fails in one line before Hydra starts.
+def _flat_keys(node: object, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        keys = []
+        for key, value in node.items():
+            keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"]
+        return keys
+    return [prefix[:-1]] if prefix else []
+
+
+def suggest_key(typed: str, known: list[str]) -> str | None:
+    """The known key a typo most likely meant: 'optim.lrr' -> 'optim.lr', 'lr' -> 'optim.lr'."""
+    import difflib
+
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    section, _, last = typed.rpartition(".")
+    by_tail: dict[str, list[str]] = {}
+    for key in known:
+        by_tail.setdefault(key.rpartition(".")[2], []).append(key)
+    tails = [last] if last in by_tail else difflib.get_close_matches(last, list(by_tail), n=1, cutoff=0.75)
+    if not tails:
+        return None
+    candidates = sorted(by_tail[tails[0]], key=lambda key: (not key.startswith(section + "."), key.count("."), key))
+    return candidates[0]
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _unknown_override(key: str, overrides: list[str], config_name: str) -> UserError:
+    """`lr=0.1` / `optim.lrr=0.1` (a key the config does not have): the nearest key, in one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    value = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == key and "=" in o), "...")
+    others = [o for o in overrides if _override_key(o) != key]
+    known: list[str] = []
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose(config_name, overrides=others)
+        known = _flat_keys(OmegaConf.to_container(cfg, resolve=False))
+    except Exception:  # the other overrides are broken too: Hydra will say so once this one is fixed
+        pass
+    finally:
+        GlobalHydra.instance().clear()
+    guess = suggest_key(key, known)
+    hint = (f"did you mean {guess}={value}?" if guess
+            else "check the spelling (python train.py --cfg job lists the keys)")
+    return UserError(f"unknown key {key}: {hint} (+{key}=... would add a key that nothing reads)")
+
+
+def check_composition(args: list[str], config_name: str = "train") -> tuple[str, bool, bool] | None:
+    """Compose and resolve the config the first job would get, so a mistake fails in one line before Hydra starts.
 
     Hydra reports composition errors (a misspelled key, a bad value) over several lines plus a
-    hint; this does the same composition up front and condenses the message. Flags (--cfg, -m, ...)
-    are left to Hydra; for a multirun the first job's overrides are checked.
+    hint; this does the same composition up front and condenses the message: a key the config lacks
+    gets the nearest one (`lr=0.1` -> did you mean optim.lr), a list value given to a single run
+    gets how to quote it, an interpolation that cannot resolve (a loop, a missing key) is named.
+    With HYDRA_FULL_ERROR=1 the original error is raised instead. Flags (--cfg, --help, ...) are
+    left to Hydra; for a multirun the first job's overrides are checked.
+
+    Returns (the run's folder, whether the user chose it, multirun), the folder with `${now:...}`
+    resolved, or None when Hydra is only asked to print something.
     """
     if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in args):
-        return
+        return None
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from cifar_speedrun.errors import full_error
+
+    multirun = "-m" in args or "--multirun" in args
     overrides = [arg for arg in args if arg not in ("-m", "--multirun")]
+    first = overrides
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
+        if not multirun:
+            for override in parsed:
+                if override.is_sweep_override():
+                    key, _, value = override.input_line.partition("=")
+                    raise UserError(
+                        f"{override.input_line} lists several values, which only a multirun sweeps: for a list "
+                        f"(several tricks at once) write it in brackets and quote it, '{key}=[{value}]'; to run one "
+                        "job per value add -m"
+                    )
         jobs = BasicSweeper.split_arguments(parsed, None)
         first = jobs[0][0] if jobs and jobs[0] else overrides
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose(config_name, overrides=list(first), return_hydra_config=True)
-        from hydra.core.hydra_config import HydraConfig
-
         HydraConfig.instance().set_config(cfg)
-        run_dir = str(cfg.hydra.sweep.dir if "-m" in args or "--multirun" in args else cfg.hydra.run.dir)
-    except (HydraException, OmegaConfBaseException, ValueError) as error:
-        raise UserError(_one_line(str(error))) from error
+        run_dir = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        OmegaConf.to_container(task, resolve=True)  # every interpolation resolves (no loop, no missing key)
+    except UserError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError, RecursionError) as error:
+        if full_error():
+            raise
+        missing = re.search(r"Could not override '([^']+)'", str(error))
+        if missing and "+" + missing[1] not in " ".join(overrides):
+            raise _unknown_override(missing[1], list(first), config_name) from None
+        raise UserError(_one_line(str(error))) from None
     finally:
         GlobalHydra.instance().clear()
-    existing = Path(run_dir).expanduser().absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:  # can a folder be made where Hydra will make the run's folder?
-        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
-    except OSError as error:
-        raise UserError(f"cannot create the output dir {run_dir} ({existing}: {error.strerror}): "
-                        "set hydra.run.dir (or hydra.sweep.dir) to a writable folder") from None
+    chosen_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    chosen = any(_override_key(arg) == chosen_key for arg in overrides)
+    return run_dir, chosen, multirun
+
+
+def _on_cuda(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def auto_mixed_precision(accelerator: str, on_cpu: str = "bf16-mixed") -> str:
     """fp16 autocast (with a GradScaler) on CUDA, where tensor cores make it pay; `on_cpu` on a CPU."""
-    import torch
-
-    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "16-mixed" if on_cuda else str(on_cpu)
+    return "16-mixed" if _on_cuda(accelerator) else str(on_cpu)
 
 
 def wandb_group(task_name: str) -> str | None:
@@ -213,6 +290,11 @@ def validate(cfg: DictConfig) -> None:
             f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or write the knots in `epochs` "
             "(e.g. [0,epochs/5,epochs])"
         )
+    precision = str(cfg.trainer.get("precision"))
+    if precision in ("16-mixed", "16") and not _on_cuda(str(cfg.trainer.get("accelerator", "auto"))):
+        raise UserError(f"trainer.precision={precision} is fp16 autocast, which needs CUDA (Lightning would run "
+                        "bf16-mixed instead): on this machine use trainer.precision=bf16-mixed or 32-true, or "
+                        "trick=mixed_precision, which picks the precision for the device")
     devices = cfg.trainer.get("devices", 1)
     world = devices if isinstance(devices, int) and devices > 0 else 1
     num_nodes = cfg.trainer.get("num_nodes", 1) or 1

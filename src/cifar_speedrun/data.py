@@ -89,23 +89,43 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 
-def image_files(split_dir: Path) -> tuple[list[list[Path]], int]:
-    """The image files of each CIFAR-10 class folder under `split_dir` (sorted), and how many others were skipped.
+@dataclass
+class SkippedFiles:
+    """What a split folder held besides images: system/hidden/non-image files, and links that lead nowhere."""
+
+    other: int = 0
+    broken_links: int = 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.other:
+            parts.append(f"{self.other} hidden or non-image files (.DS_Store, Thumbs.db, ._*, ...)")
+        if self.broken_links:
+            parts.append(f"{self.broken_links} broken or looping symlinks")
+        return " and ".join(parts)
+
+
+def image_files(split_dir: Path) -> tuple[list[list[Path]], SkippedFiles]:
+    """The image files of each CIFAR-10 class folder under `split_dir` (sorted), and what was skipped.
 
     Hidden files (`.DS_Store`, macOS's `._*`), `Thumbs.db`/`desktop.ini` and files without an image
-    extension are skipped, as ImageFolder does; symlinked folders and files are followed. A class
-    folder without images is refused: training on 9 classes would report a number for the wrong task.
+    extension are skipped, as ImageFolder does; symlinked folders and files are followed, and links
+    that lead nowhere (dangling, or a loop) are skipped and counted. A class folder without images is
+    refused: training on 9 classes would report a number for the wrong task.
     """
     per_class: list[list[Path]] = []
-    skipped = 0
+    skipped = SkippedFiles()
     for name in CIFAR10_CLASSES:
         files = []
         for entry in sorted((split_dir / name).iterdir()):
+            if entry.is_symlink() and not entry.exists():  # dangling, or a loop (exists() is False for both)
+                skipped.broken_links += 1
+                continue
             if not entry.is_file():
                 continue
             lower = entry.name.lower()
             if entry.name.startswith(".") or lower in _SYSTEM_FILES or not lower.endswith(IMAGE_EXTENSIONS):
-                skipped += 1
+                skipped.other += 1
                 continue
             files.append(entry)
         if not files:
@@ -203,9 +223,9 @@ def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     images: list[np.ndarray] = []
     labels: list[int] = []
     per_class, skipped = image_files(split_dir)
-    if skipped:
-        print(f"[data] {split_dir.name}: skipped {skipped} hidden or non-image files (.DS_Store, Thumbs.db, ._*, "
-              "...), as torchvision's ImageFolder does", flush=True)
+    if skipped.describe():
+        print(f"[data] {split_dir.name}: skipped {skipped.describe()}, as torchvision's ImageFolder does",
+              flush=True)
     total, start = sum(len(files) for files in per_class), time.perf_counter()
     for label, files in enumerate(per_class):
         for file in files:
@@ -214,17 +234,20 @@ def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
             try:
                 with Image.open(io.BytesIO(file.read_bytes())) as image:
-                    image.load()
-                    if image.mode != "RGB" or image.size != (32, 32):
+                    if image.mode != "RGB" or image.size != (32, 32):  # from the header, before any decoding
                         raise UserError(
                             f"{file} is a {image.size[0]}x{image.size[1]} {image.mode} image; CIFAR-10 "
                             "images must be 32x32 RGB: replace the file or re-extract the dataset"
                         )
+                    image.load()
                     images.append(np.asarray(image, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            except Image.DecompressionBombError as error:  # a header claiming billions of pixels
+                raise UserError(f"{file} claims to be a huge image ({error}); CIFAR-10 images are 32x32: replace "
+                                "the file") from None
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
                 raise UserError(
                     f"corrupt image {file} ({error}); re-create the dataset archive or delete the file"
-                ) from error
+                ) from None
             labels.append(label)
     if not images:
         raise UserError(f"{split_dir} holds no images")
@@ -252,19 +275,27 @@ def _load_image_folder(path: str, scratch_dir: Path) -> dict[str, np.ndarray]:
                 cleanup = Path(tempfile.mkdtemp(prefix=f"extract-{storage.temp_tag()}", dir=scratch_dir))
                 print(f"[data] first use of {location.name}: extracting and decoding it once into a uint8 cache",
                       flush=True)
-                safe_extract(location, cleanup)
+                top = safe_extract(location, cleanup)  # the folder holding train/ and test/
             except OSError as error:
-                raise (storage.disk_error(error, str(scratch_dir / "extract")) or error) from error
-            top = cleanup
-            # Archives often hold one top-level folder (cifar10/train, cifar10/test): descend into it.
-            entries = [entry for entry in top.iterdir() if entry.is_dir()]
-            if not (top / "train").is_dir() and len(entries) == 1:
-                top = entries[0]
-        train_x, train_y = _decode_image_split(top / "train")
-        test_x, test_y = _decode_image_split(top / "test")
+                named = storage.path_error(error, str(scratch_dir / "extract"))
+                if named is None:
+                    raise
+                raise named from error
+        try:
+            train_x, train_y = _decode_image_split(top / "train")
+            test_x, test_y = _decode_image_split(top / "test")
+        except UserError as error:
+            if cleanup is None:
+                raise
+            # Name places inside the archive, not the scratch folder, which is gone once this returns.
+            raise UserError(str(error).replace(f"{cleanup}{os.sep}", f"{location.name}:").replace(
+                str(cleanup), location.name)) from None
     finally:
         if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
+            from cifar_speedrun.interrupts import deferred
+
+            with deferred():  # a second signal must not stop the removal halfway
+                shutil.rmtree(cleanup, ignore_errors=True)
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 

@@ -1,67 +1,140 @@
 """Evaluate a trained model on the test set: python eval.py ckpt_path=<run>/checkpoints/last.ckpt [+trick=tta]
 
-The network is rebuilt from the config stored with it (a Lightning checkpoint's hyperparameters, or
-model.pt's own config), so no training overrides have to be repeated; the weights are the ones the
-run evaluated (with `ema`, the averaged ones). TTA is as the run was trained unless `+trick=tta` or
-`tta.flip=...` says otherwise. The accuracy goes to the eval run's own results.json
-(logs/eval/runs/<time>/), never into the training run's folder.
+Everything comes from the file: the network is rebuilt from the config stored with it (a Lightning
+checkpoint's hyperparameters, or model.pt's own config) through the project's registry of model
+families, the weights are the ones the run evaluated (with `ema` or `lookahead`, the averaged ones
+once averaging has started), and the data settings (source, path, test subset, normalization) are
+the run's own unless the command line gives them, so `eval.py ckpt_path=...` alone reproduces the
+run's accuracy. TTA is as the run was trained unless `+trick=tta` or `tta.flip=...` says otherwise.
+The accuracy goes to the eval run's own results.json (logs/eval/runs/<time>/), never into the
+training run's folder.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
+import re
 import sys
 from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import schema, storage, tracking
-from cifar_speedrun.data import CIFAR10_CLASSES, PAGE_MEAN, PAGE_STD, channel_stats, load_cifar10_uint8, select_subset
-from cifar_speedrun.errors import UserError, find_user_error
-from cifar_speedrun.model_file import checked_model_config, is_model_file
+from cifar_speedrun import run_lock, schema, storage, tracking
+from cifar_speedrun.data import (
+    CIFAR10_CLASSES,
+    PAGE_MEAN,
+    PAGE_STD,
+    EvalBatches,
+    channel_stats,
+    load_cifar10_uint8,
+    select_subset,
+    standardize,
+)
+from cifar_speedrun.errors import UserError, find_user_error, full_error
+from cifar_speedrun.model_file import DATA_FROM_RUN, build_model, is_model_file, load_weights
 from cifar_speedrun.module import tta_logits
 
 # Tricks that change how a trained network is evaluated; the others change training.
 EVAL_TRICKS = ("tta",)
+# Config groups of train.py that eval.py accepts, and what each option means here.
+TRAINER_DEVICES = {"default": "auto", "cpu": "cpu"}
+# train.py's groups that shape training only: eval.py refuses them by name (the checkpoint fixes them).
+TRAINING_GROUPS = ("model", "optim", "logger", "callbacks", "experiment", "stage", "sweep", "proxy", "debug",
+                   "hparams_search")
 
 
-def _trained_model(path: str) -> dict[str, Any]:
-    """Model config, weights, normalization and training facts from a checkpoint or a model file."""
+def _load_blob(path: str) -> Any:
     if not storage.exists(path):
         raise UserError(f"ckpt_path={path} does not exist: give <run>/checkpoints/last.ckpt or <run>/model.pt")
-    import io
-
     try:
-        blob = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"ckpt_path={path} is not a checkpoint or model file of this project "
                         f"({type(error).__name__}): give <run>/checkpoints/last.ckpt or <run>/model.pt") from None
+
+
+def _trained_model(path: str) -> dict[str, Any]:
+    """Model config, weights, normalization, data settings and training facts from a checkpoint or model file."""
+    blob = _load_blob(path)
     if is_model_file(blob):
         return {"model": blob["model_config"], "state_dict": blob["state_dict"], "mean": blob["mean"],
-                "std": blob["std"], "tta": blob.get("tta") or {}, "trained": blob.get("about") or {}}
+                "std": blob["std"], "tta": blob.get("tta") or {}, "trained": blob.get("about") or {},
+                "data": dict(blob.get("data") or {}), "precision": blob.get("precision")}
     hparams = blob.get("hyper_parameters") if isinstance(blob, dict) else None
     run_config = (hparams or {}).get("run_config") or {}
     config = run_config.get("config") or {}
-    if "state_dict" not in blob or "model" not in config:
+    if not isinstance(blob, dict) or "state_dict" not in blob or "model" not in config:
         raise UserError(f"ckpt_path={path} is not a checkpoint written by this project's train.py (no model config "
                         "inside): give <run>/checkpoints/last.ckpt or <run>/model.pt")
     state = {key[len("net."):]: value for key, value in blob["state_dict"].items() if key.startswith("net.")}
-    normalize = (config.get("data") or {}).get("normalize", "page")
+    data = {key: value for key, value in (config.get("data") or {}).items() if key in DATA_FROM_RUN}
+    normalize = data.get("normalize", "page")
     history = ((blob.get("callbacks") or {}).get("TrainTimer") or {}).get("history") or []
     trained = {"epochs": int(blob.get("epoch", -1)) + 1, "seed": run_config.get("seed"),
                "tricks": run_config.get("tricks", []), "data": run_config.get("data_source"),
                "test_acc": history[-1]["test_acc"] if history else None}
     return {"model": config["model"], "state_dict": state, "mean": None if normalize == "computed" else PAGE_MEAN,
             "std": None if normalize == "computed" else PAGE_STD, "tta": hparams.get("tta") or {},
-            "trained": trained}
+            "trained": trained, "data": data, "precision": (config.get("trainer") or {}).get("precision")}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def _given_on_command_line() -> set[str]:
+    """The `data.*` keys this eval run's command line sets (they win over the checkpoint's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return set()
+    return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
+
+
+def data_settings(cfg: DictConfig, recorded: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """The data to evaluate on: the run's recorded settings, except the keys the command line gives."""
+    settings = {key: cfg.data.get(key) for key in DATA_FROM_RUN}
+    for key, value in recorded.items():
+        if key in DATA_FROM_RUN and f"data.{key}" not in given:
+            settings[key] = value
+    return settings
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but this machine has no CUDA device: use device=cpu (or auto)")
+    return device
+
+
+_AUTOCAST = {"16-mixed": torch.float16, "16": torch.float16, "bf16-mixed": torch.bfloat16}
+_TRUE = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "64-true": torch.float64, "64": torch.float64}
+
+
+def precision_context(precision: str | None, device: torch.device) -> tuple[Any, torch.dtype | None, str]:
+    """How to evaluate as a run of `precision` did, as Lightning runs it: (autocast context, a dtype for
+    the weights of a '-true' precision or None, what actually runs). fp16 autocast exists on CUDA only:
+    a 16-mixed run evaluated on a CPU runs in fp32 and says so."""
+    from contextlib import nullcontext
+
+    name = str(precision or "32-true")
+    if name in _AUTOCAST and not (name in ("16-mixed", "16") and device.type != "cuda"):
+        return torch.autocast(device.type, dtype=_AUTOCAST[name]), None, name
+    if name in _TRUE and not (_TRUE[name] == torch.float16 and device.type != "cuda"):
+        return nullcontext(), _TRUE[name], name
+    return nullcontext(), None, "32-true" if name in ("32-true", "32") else f"32-true (the run's {name} needs CUDA)"
+
+
+def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt_path` on the test set; `given`: the keys the command line set (default: Hydra's)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
     extra = [name for name in (cfg.get("applied_tricks") or {}) if name not in EVAL_TRICKS]
@@ -73,34 +146,45 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trained = _trained_model(path)
     tta = dict(trained["tta"])
     tta.update({key: value for key, value in OmegaConf.to_container(cfg.tta).items() if value is not None})
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else str(cfg.device)))
-    net = instantiate(checked_model_config(trained["model"], path))
-    net.load_state_dict(trained["state_dict"])
+    device = _device(str(cfg.device))
+    net = build_model(trained["model"], path)
+    load_weights(net, trained["state_dict"], path)
     net = net.to(device).eval()
 
-    data = load_cifar10_uint8(cfg.data.source, cfg.data.root, cfg.data.path, cfg.data.cache_dir)
+    data_cfg = data_settings(cfg, trained["data"], _given_on_command_line() if given is None else given)
+    if data_cfg["source"] == "image_folder" and not data_cfg["path"]:
+        raise UserError("the run used data.source=image_folder without a recorded data.path: give data.path=<archive>")
+    data = load_cifar10_uint8(str(data_cfg["source"]), data_cfg["root"], data_cfg["path"], str(cfg.data.cache_dir))
     mean, std = trained["mean"], trained["std"]
     if mean is None:  # the run standardized with its train set's own statistics: the same data's
         mean, std = channel_stats(data.train_x)
     test_x, test_y = data.test_x, data.test_y
-    if cfg.data.get("test_subset"):
-        index = select_subset(test_y, int(cfg.data.test_subset), "per_class", int(cfg.seed))
+    if data_cfg["test_subset"]:
+        index = select_subset(test_y, int(data_cfg["test_subset"]), "per_class", int(cfg.seed))
         test_x, test_y = test_x[index], test_y[index]
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    # The test batches as the run's data module made them (standardized, fp16 on CUDA with
+    # half_precision, channels_last), under the run's precision: the same numbers come out.
+    autocast, weights_dtype, precision = precision_context(cfg.precision or trained["precision"], device)
+    images_dtype = torch.float16 if data_cfg.get("half_precision") and device.type == "cuda" else torch.float32
+    if weights_dtype is not None:
+        net, images_dtype = net.to(weights_dtype), weights_dtype
+    channels_last = bool(data_cfg.get("channels_last"))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    test = standardize(test_x.to(device), mean, std).to(images_dtype)
     correct = 0
-    with torch.no_grad():
-        for start in range(0, len(test_y), int(cfg.data.eval_batch_size)):
-            images = (test_x[start:start + int(cfg.data.eval_batch_size)].to(device).float() - mean_t) / std_t
+    with torch.no_grad(), autocast:
+        for images, labels in EvalBatches(test, test_y, int(cfg.data.eval_batch_size), channels_last):
             logits = tta_logits(net, images, bool(tta.get("flip", False)), bool(tta.get("translate", False)),
                                 str(tta.get("reduce", "logits")))
-            correct += int((logits.argmax(dim=1).cpu() == test_y[start:start + len(images)]).sum())
+            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
+    source = str(data_cfg["source"])
     result = {
         "status": "ok", "kind": "eval", "test_acc": correct / len(test_y), "test_images": len(test_y),
         "ckpt_path": os.path.abspath(path) if storage.is_local(path) else path, "tta": tta,
-        "trained": trained["trained"], "data_source": f"CIFAR-10 {cfg.data.source}"
-        + (f" {os.path.basename(str(cfg.data.path))}" if cfg.data.source == "image_folder" else ""),
+        "trained": trained["trained"], "data_source": f"CIFAR-10 {source}"
+        + (f" {os.path.basename(str(data_cfg['path']))}" if source == "image_folder" else ""),
+        "data": {key: data_cfg.get(key) for key in DATA_FROM_RUN}, "precision": precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "classes": list(CIFAR10_CLASSES),
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -108,8 +192,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results_path = storage.join(str(cfg.paths.output_dir), "results.json")
     storage.write_json_atomic(result, results_path)
     views = "+".join(name for name in ("flip", "translate") if tta.get(name)) or "none"
-    print(f"[eval] test acc {100 * result['test_acc']:.2f}% on {len(test_y):,} images (tta: {views}) · "
-          f"results: {results_path}", flush=True)
+    print(f"[eval] test acc {100 * result['test_acc']:.2f}% on {len(test_y):,} images (tta: {views}; {precision}; "
+          f"data: {result['data_source']}) · results: {results_path}", flush=True)
     return result
 
 
@@ -119,19 +203,47 @@ def hydra_main(cfg: DictConfig) -> None:
         evaluate(cfg)
     except Exception as error:
         user_error = find_user_error(error)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or user_error is None:
+        if full_error() or user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+_GROUP = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<group>[a-z_]+)=(?P<value>.*)$")
+
+
+def eval_arguments(args: list[str]) -> list[str]:
+    """train.py's group choices that a user carries over to eval.py: the ones that mean something here
+    become eval.py's own keys (`trainer=cpu` -> `device=cpu`); the ones that shape training are
+    refused by name, since the checkpoint already fixes them."""
+    out = []
+    for arg in args:
+        match = _GROUP.match(arg)
+        if not match or match["prefix"] == "~":
+            out.append(arg)
+            continue
+        group, value = match["group"], match["value"].strip()
+        if group == "trainer":
+            if value not in TRAINER_DEVICES:
+                raise UserError(f"trainer={value}: eval.py runs on one device; use device=cpu, device=cuda or "
+                                "device=cuda:N")
+            out.append(f"device={TRAINER_DEVICES[value]}")
+        elif group in TRAINING_GROUPS:
+            raise UserError(f"{group}={value} shapes training; eval.py builds the model, data and TTA as the "
+                            "checkpoint records them: drop it (data.test_subset=N evaluates on N test images)")
+        else:
+            out.append(arg)
+    return out
 
 
 def main() -> None:
     config_lib.register_resolvers()
     tracking.quiet_console()
     try:
-        config_lib.check_group_overrides(sys.argv[1:])
-        if not os.environ.get("HYDRA_FULL_ERROR"):
-            config_lib.check_composition(sys.argv[1:], "eval")
+        args = eval_arguments(sys.argv[1:])
+        config_lib.check_arguments(args)
+        config_lib.check_group_overrides(args)
+        sys.argv[1:] = run_lock.pin_run_folder(args, config_lib.check_composition(args, "eval"))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,6 +12,9 @@ SIGINT), as a shell reports a process killed by that signal. A multirun stops at
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 
@@ -39,3 +42,31 @@ def raise_on_signals() -> None:
     """Install the handlers (main thread only; Lightning chains its own SIGTERM handler to ours)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _raise)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back for the block, then deliver the first that came.
+
+    For cleanups that must finish: removing a 60,000-file scratch folder takes a second or two, and
+    a second Ctrl-C or `timeout`'s second signal in that time would leave ~170 MB behind. The Python
+    handlers are swapped for one that only remembers (blocking the signal with pthread_sigmask would
+    not do: the kernel hands a process-wide signal to any thread that does not block it, and torch
+    starts threads), then restored, and a remembered signal is raised again through them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, remember) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])

@@ -406,3 +406,12 @@ class AirbenchNet(nn.Sequential):
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# The model families a file may build (model.pt, a checkpoint's stored config): the `_target_` a run
+# records -> the class. Files are built only through this table, never through an import path, so a
+# file that names anything else (`cifar_speedrun.model.torch.save`, `os.system`) builds nothing.
+MODEL_FAMILIES: dict[str, type[nn.Module]] = {
+    "cifar_speedrun.model.DavidNet": DavidNet,
+    "cifar_speedrun.model.AirbenchNet": AirbenchNet,
+}

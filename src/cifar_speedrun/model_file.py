@@ -7,7 +7,8 @@ the file. Use it without Hydra or Lightning:
     from cifar_speedrun.model_file import load_model
     model = load_model("logs/train/runs/<time>/model.pt")
     model.classify(["cat.png", "ship.jpg"])          # -> ['cat', 'ship']
-    model(uint8_images)                               # (N, 3, 32, 32) uint8 -> logits (N, 10)
+    model(uint8_images)                               # (N, 3, 32, 32) uint8, or float in [0, 1] -> logits
+    model.topk(["cat.png"], k=3)                      # -> [[("cat", 0.91), ("dog", 0.05), ...]]
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ from cifar_speedrun import storage
 from cifar_speedrun.errors import UserError
 
 FORMAT = "cifar_speedrun.model/1"
+# The data settings a run records (model.pt's "data", a checkpoint's config), which eval.py takes
+# from it unless the command line gives them: what the run was evaluated on, and in which layout
+# (fp16 test images on CUDA, channels_last) its numbers came out.
+DATA_FROM_RUN = ("source", "root", "path", "test_subset", "normalize", "half_precision", "channels_last")
 
 
 def save_model_file(path: str, net: nn.Module, model_config: dict[str, Any], mean: Sequence[float],
                     std: Sequence[float], classes: Sequence[str], tta: dict[str, Any] | None = None,
-                    about: dict[str, Any] | None = None) -> None:
+                    about: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+                    precision: str | None = None) -> None:
+    """`data`: the run's data settings (DATA_FROM_RUN) and `precision` its trainer's, so that eval.py
+    evaluates on what the run evaluated on, as it did, without being told."""
     state = {key: value.detach().cpu().clone() for key, value in net.state_dict().items()}
     storage.save_tensors_atomic({
         "format": FORMAT,
@@ -39,11 +47,19 @@ def save_model_file(path: str, net: nn.Module, model_config: dict[str, Any], mea
         "classes": list(classes),
         "tta": dict(tta or {}),
         "about": dict(about or {}),
+        "data": dict(data or {}),
+        "precision": precision,
     }, path)
 
 
 class Classifier(nn.Module):
-    """The trained network with its input normalization and test-time augmentation, for inference."""
+    """The trained network with its input normalization and test-time augmentation, for inference.
+
+    Takes images as (N, 3, 32, 32) or one (3, 32, 32): uint8 on the 0-255 scale (CIFAR-10's own
+    form), or floating point in [0, 1] (what torchvision's ToTensor gives), which is scaled by 255.
+    Anything else (floats outside [0, 1], channels last, another size) is refused with the fix: a
+    silent guess would give confident nonsense.
+    """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], classes: Sequence[str],
                  tta: dict[str, Any] | None = None, about: dict[str, Any] | None = None) -> None:
@@ -55,19 +71,52 @@ class Classifier(nn.Module):
         self.tta = dict(tta or {})
         self.about = dict(about or {})
 
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 32, 32) float pixels on the 0-255 scale, on the model's device."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a tensor (N, 3, 32, 32), not {type(images).__name__}; for files or "
+                            "PIL images use classify()")
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32):
+            hint = " (channels last: use images.permute(0, 3, 1, 2))" if images.shape[-1:] == (3,) else ""
+            raise ValueError(f"images must be (N, 3, 32, 32) or (3, 32, 32), got {tuple(images.shape)}{hint}")
+        if images.dtype == torch.uint8:
+            return images.to(self.mean.device).float()
+        if not images.is_floating_point():
+            raise ValueError(f"images must be uint8 (0-255) or floating point in [0, 1], got {images.dtype}")
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"float images must be in [0, 1] (torchvision's ToTensor), got values in [{low:.3g}, "
+                             f"{high:.3g}]: pass uint8 for the 0-255 scale, and do not normalize them yourself "
+                             "(the model applies its own mean and std)")
+        return images.to(self.mean.device).float() * 255.0
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (N, 3, 32, 32) on the 0-255 scale -> logits (N, classes), TTA as trained."""
+        """Images (uint8 0-255, or float in [0, 1]) -> logits (N, classes), with TTA as trained."""
         from cifar_speedrun.module import tta_logits
 
-        x = (images.to(self.mean.device).float() - self.mean) / self.std
+        x = (self._pixels(images) - self.mean) / self.std
         return tta_logits(self.net, x, bool(self.tta.get("flip", False)), bool(self.tta.get("translate", False)),
                           str(self.tta.get("reduce", "logits")))
 
+    def probabilities(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+        """Class probabilities (N, classes): the softmax of the logits."""
+        return torch.softmax(self.forward(self._as_batch(images)), dim=1)
+
+    def topk(self, images: torch.Tensor | Sequence[Any], k: int = 3) -> list[list[tuple[str, float]]]:
+        """The k likeliest classes of each image, as (name, probability) pairs, likeliest first."""
+        values, indices = self.probabilities(images).topk(min(int(k), len(self.classes)), dim=1)
+        return [[(self.classes[int(i)], float(v)) for v, i in zip(row_v, row_i, strict=True)]
+                for row_v, row_i in zip(values, indices, strict=True)]
+
     def classify(self, images: torch.Tensor | Sequence[Any]) -> list[str]:
-        """Class names for a uint8 batch, or for image files / PIL images (resized to 32x32 if needed)."""
-        batch = images if isinstance(images, torch.Tensor) else self.to_batch(images)
-        return [self.classes[int(i)] for i in self.forward(batch).argmax(dim=1)]
+        """Class names for a batch (uint8 or [0, 1] float), or for image files / PIL images (resized to 32x32)."""
+        return [self.classes[int(i)] for i in self.forward(self._as_batch(images)).argmax(dim=1)]
+
+    def _as_batch(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+        return images if isinstance(images, torch.Tensor) else self.to_batch(images)
 
     @staticmethod
     def to_batch(images: Sequence[Any]) -> torch.Tensor:
@@ -84,20 +133,83 @@ class Classifier(nn.Module):
         return torch.from_numpy(np.stack(arrays))
 
 
-def checked_model_config(config: dict[str, Any], source: str) -> dict[str, Any]:
-    """A model config read from a file may only build this project's networks: its `_target_` names
-    a class of cifar_speedrun.model and nothing inside it names another callable."""
-    target = str(config.get("_target_", ""))
+# Argument values a model file may hold: plain data only (no tensors, no objects, no callables).
+_PLAIN = (type(None), bool, int, float, str)
 
-    def nested_targets(node: Any) -> bool:
-        if isinstance(node, dict):
-            return any(key == "_target_" or nested_targets(value) for key, value in node.items())
-        return isinstance(node, list) and any(nested_targets(value) for value in node)
 
-    inner = {key: value for key, value in config.items() if key != "_target_"}
-    if not target.startswith("cifar_speedrun.model.") or nested_targets(inner):
-        raise UserError(f"{source} names a model class {target!r} outside cifar_speedrun.model: refusing to build it")
-    return config
+def _plain_data(value: Any, where: str, source: str) -> Any:
+    """`value` if it is plain data (None, bool, int, float, str, and lists / string-keyed dicts of them)
+    with no Hydra key (`_target_`, `_args_`, `_partial_`, ...) anywhere inside; else one UserError."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(item, f"{where}[{index}]", source) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("_"):
+                raise UserError(f"{source}: model setting {where}.{key} is not a plain setting (a Hydra key such as "
+                                "_target_ or _partial_, or a non-text key): refusing to build it")
+            out[key] = _plain_data(item, f"{where}.{key}", source)
+        return out
+    raise UserError(f"{source}: model setting {where} holds a {type(value).__name__}, not plain data: refusing to "
+                    "build it")
+
+
+def build_model(config: Any, source: str) -> nn.Module:
+    """The network a file describes, built only from the project's model families and plain settings.
+
+    `config` is a model config read from a file someone handed over (model.pt's, or the config a
+    checkpoint stores). Its `_target_` must name one of `model.MODEL_FAMILIES` exactly; every other
+    key must be a keyword of that class and hold plain data. The class is called directly: no
+    Hydra `instantiate`, no import of any path the file names, no interpolation. Anything else is
+    refused in one line naming `source`.
+    """
+    from cifar_speedrun.model import MODEL_FAMILIES
+
+    if not isinstance(config, dict):
+        raise UserError(f"{source} holds no model config (found a {type(config).__name__}): give a model.pt or "
+                        "last.ckpt written by this project's train.py")
+    target = config.get("_target_")
+    family = MODEL_FAMILIES.get(target) if isinstance(target, str) else None
+    if family is None:
+        known = ", ".join(name.rsplit(".", 1)[-1] for name in MODEL_FAMILIES)
+        raise UserError(f"{source} names the model {str(target)[:80]!r}, which is not one of this project's model "
+                        f"families ({known}): refusing to build it")
+    import inspect
+
+    accepted = {name for name in inspect.signature(family).parameters if not name.startswith("_")}
+    settings = {}
+    for key, value in config.items():
+        if key == "_target_":
+            continue
+        if not isinstance(key, str) or key not in accepted:
+            raise UserError(f"{source}: {str(key)[:40]!r} is not a setting of {family.__name__} (it takes "
+                            f"{', '.join(sorted(accepted))}): refusing to build it")
+        settings[key] = _plain_data(value, f"model.{key}", source)
+    return family(**settings)
+
+
+def load_weights(net: nn.Module, state_dict: Any, source: str) -> None:
+    """Load a file's weights into `net`, refusing in one line weights that are not finite or do not fit.
+
+    A run that diverged leaves NaN weights, which evaluate to 10% (a constant class) without any
+    error; a file whose stored config and weights disagree (edited, or mixed from two runs) would
+    fail deep inside PyTorch with a wall of size mismatches.
+    """
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{source} holds no weights (a state_dict of tensors): give a model.pt or last.ckpt written "
+                        "by train.py")
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{source}: the weights are not finite (NaN or inf in {key}): the run diverged; evaluate "
+                            "an earlier checkpoint, or retrain with a lower optim.lr")
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
+        raise UserError(f"{source}: its weights do not fit the model its stored config describes ({detail[:200]}): "
+                        "the file was edited or mixed from two runs; use the run's own model.pt or last.ckpt") from None
 
 
 def is_model_file(blob: Any) -> bool:
@@ -106,8 +218,6 @@ def is_model_file(blob: Any) -> bool:
 
 def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
     """Build the network from the file's own config and load its weights; nothing else is needed."""
-    from hydra.utils import instantiate
-
     try:
         blob = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -117,7 +227,7 @@ def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
                         "model.pt written at the end of a run") from None
     if not is_model_file(blob):
         raise UserError(f"{path} is not a cifar_speedrun model file: give the model.pt written at the end of a run")
-    net = instantiate(checked_model_config(blob["model_config"], path))
-    net.load_state_dict(blob["state_dict"])
+    net = build_model(blob["model_config"], path)
+    load_weights(net, blob["state_dict"], path)
     classifier = Classifier(net, blob["mean"], blob["std"], blob["classes"], blob.get("tta"), blob.get("about"))
     return classifier.to(device)

@@ -488,6 +488,7 @@ EVAL = Section({
     "tta": Section({"flip": Boolean(nullable=True), "translate": Boolean(nullable=True),
                     "reduce": Choice((None, "logits", "log_softmax"))}),
     "device": Text(),
+    "precision": Choice((None, "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")),
     "applied_tricks": Section(open=True, values=Text()),
     "seed": Number(integer=True, low=0, high=MAX_SEED),
     "channels_last": Boolean(),

@@ -44,18 +44,57 @@ def temp_tag() -> str:
     return f"{HOST}-{os.getpid()}-"
 
 
-def disk_error(error: OSError, path: str) -> UserError | None:
-    """A disk-full / read-only / permission error as one line naming where, or None for other errors."""
-    where = os.path.dirname(str(path)) or "."
+def _file_in_the_way(path: str) -> str:
+    """The first part of `path` that exists and is not a folder (what stops the folders being made)."""
+    parts = os.path.abspath(os.path.expanduser(str(path))).split(os.sep)
+    for index in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:index])
+        try:
+            if os.path.exists(prefix) and not os.path.isdir(prefix):
+                return prefix
+        except (OSError, ValueError):
+            break
+    return str(path)
+
+
+def os_error_reason(error: OSError, path: str) -> str | None:
+    """Why `path` cannot be written, in words, for the classes a user fixes by choosing another place:
+    a full disk or quota, a read-only filesystem, no permission, a file where a folder must be (or a
+    folder where a file must be), a name longer than the filesystem allows, a symlink loop. None for
+    other errors."""
     if error.errno in _FULL:
-        return UserError(f"disk full at {where} (writing {os.path.basename(str(path))}): free space there or "
+        return f"the disk is full at {os.path.dirname(str(path)) or '.'}"
+    if error.errno == errno.EROFS:
+        return "it is on a read-only filesystem"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "no permission to write there"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{_file_in_the_way(path)} is a file, not a folder"
+    if error.errno == errno.EISDIR:
+        return f"{path} is a folder"
+    if error.errno == errno.ENAMETOOLONG:
+        return "a name in it is longer than the filesystem allows (255 bytes)"
+    if error.errno == errno.ELOOP:
+        return "it goes through a symlink loop"
+    return None
+
+
+def path_error(error: OSError, path: str) -> UserError | None:
+    """An OS error about where a file goes, as one line naming the place and the fix; None for others."""
+    where, name = os.path.dirname(str(path)) or ".", os.path.basename(str(path))
+    if error.errno in _FULL:
+        return UserError(f"disk full at {where} (writing {name}): free space there or "
                          "point paths.output_dir / paths.cache_dir elsewhere")
     if error.errno == errno.EROFS:
-        return UserError(f"{where} is on a read-only filesystem (writing {os.path.basename(str(path))}): choose "
+        return UserError(f"{where} is on a read-only filesystem (writing {name}): choose "
                          "a writable hydra.run.dir / paths.cache_dir")
     if error.errno in (errno.EACCES, errno.EPERM):
         return UserError(f"no permission to write {path}: choose a writable hydra.run.dir / paths.cache_dir")
-    return None
+    reason = os_error_reason(error, path)
+    if reason is None:
+        return None
+    return UserError(f"cannot write {path}: {reason}; choose another hydra.run.dir / paths.cache_dir / "
+                     "paths.checkpoint_dir")
 
 
 def is_local(path: str) -> bool:
@@ -111,7 +150,10 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
             os.makedirs(folder, exist_ok=True)
             handle, temp = tempfile.mkstemp(prefix=f"{os.path.basename(target)}.tmp-{temp_tag()}", dir=folder)
         except OSError as error:
-            raise (disk_error(error, target) or error) from error
+            named = path_error(error, target)
+            if named is None:
+                raise
+            raise named from error
         try:
             os.fchmod(handle, 0o666 & ~UMASK)  # mkstemp makes 0600; a results folder may be shared
             _write_file(handle, data)
@@ -120,9 +162,10 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
         except BaseException as error:
             if os.path.exists(temp):
                 os.remove(temp)
-            if isinstance(error, OSError) and disk_error(error, target) is not None:
-                raise disk_error(error, target) from error
-            raise
+            named = path_error(error, target) if isinstance(error, OSError) else None
+            if named is None:
+                raise
+            raise named from error
         return
     fs, inner = fsspec.core.url_to_fs(path)
     temp = f"{inner}.tmp-{temp_tag()}{uuid.uuid4().hex}"
@@ -227,16 +270,27 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode())
 
 
-def check_writable(directory: str) -> None:
-    """Create `directory` and write/remove a probe file; raises OSError when that is impossible."""
-    makedirs(directory)
-    probe = join(directory, f".write-probe-{uuid.uuid4().hex}")
-    write_bytes_atomic(b"", probe)
-    if is_local(probe):
-        os.remove(_local(probe))
-    else:
-        fs, inner = fsspec.core.url_to_fs(probe)
-        fs.rm(inner)
+def check_writable(directory: str, setting: str) -> None:
+    """Create `directory` and write/remove a probe file, before a run spends time on anything else.
+
+    Any OS error (a file in the way, a name too long, no permission, a read-only or full disk, an
+    unreachable bucket) becomes one UserError naming `setting`, the key that chose the folder.
+    """
+    try:
+        makedirs(directory)
+        probe = join(directory, f".write-probe-{uuid.uuid4().hex}")
+        write_bytes_atomic(b"", probe)
+        if is_local(probe):
+            os.remove(_local(probe))
+        else:
+            fs, inner = fsspec.core.url_to_fs(probe)
+            fs.rm(inner)
+    except UserError as error:
+        raise UserError(f"cannot use {setting}={directory}: {error}") from None
+    except OSError as error:
+        reason = os_error_reason(error, directory) if is_local(directory) else None
+        reason = reason or error.strerror or str(error) or type(error).__name__
+        raise UserError(f"cannot use {setting}={directory}: {reason}; choose another folder") from None
 
 
 class AtomicCheckpointIO(CheckpointIO):

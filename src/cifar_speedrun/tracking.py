@@ -236,15 +236,29 @@ class StartLine(Callback):
             import torch
 
             where = torch.cuda.get_device_name(device)
+        active, inactive = tricks_in_effect(self.tricks, str(trainer.precision))
+        off = f" (not in effect at {trainer.precision}: {', '.join(inactive)})" if inactive else ""
         self.line = (
             f"[run] {self.model_name} width {self.width} ({_count(parameters)} parameters) · "
             f"train {_count(train_images)} / test {_count(test_images)} images · {steps} steps of "
             f"{batches.batch_size * batches.world_size} an epoch ({_count(train_images - used)} images dropped "
             f"each epoch) · {self.epochs:g} epochs · {where}, {trainer.precision} · tricks: "
-            f"{', '.join(self.tricks) or 'none'} · output: {self.output_dir}"
+            f"{', '.join(active) or 'none'}{off} · output: {self.output_dir}"
         )
         if trainer.is_global_zero:
             print(self.line, flush=True)
+
+
+# Tricks whose whole effect is a training precision: at full precision nothing of them runs (the CPU
+# proxy keeps fp32 whatever tricks a recipe lists; conf/proxy/cpu.yaml).
+_PRECISION_TRICKS = ("mixed_precision",)
+_FULL_PRECISION = ("32-true", "32", "64-true", "64")
+
+
+def tricks_in_effect(tricks: list[str], precision: str) -> tuple[list[str], list[str]]:
+    """(the tricks that change this run, the listed ones that do not at this precision)."""
+    inactive = [t for t in tricks if t in _PRECISION_TRICKS and precision in _FULL_PRECISION]
+    return [t for t in tricks if t not in inactive], inactive
 
 
 def _threads() -> int:
@@ -267,7 +281,11 @@ _NOISE = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "`Tr
 # Deprecation warnings from library internals that a user can do nothing about.
 _KNOWN_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                    r"The '\w+_dataloader' does not have many workers",
-                   r"Found \d+ module\(s\) in eval mode at the start of training")
+                   r"Found \d+ module\(s\) in eval mode at the start of training",
+                   # Short runs: train metrics are logged per epoch and the lr by callbacks.LearningRateLogger.
+                   r"The number of training batches \(\d+\) is smaller than the logging interval",
+                   # A resumed run's own checkpoint folder (last.ckpt is replaced atomically).
+                   r"Checkpoint directory .* exists and is not empty")
 
 
 class _DropNoise(logging.Filter):

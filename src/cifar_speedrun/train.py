@@ -22,11 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import interrupts, storage, tracking
+from cifar_speedrun import interrupts, run_lock, storage, tracking
 from cifar_speedrun import resume as resume_lib
 from cifar_speedrun.callbacks import ResultsWriter
 from cifar_speedrun.csv_log import ResumableCSVLogger
-from cifar_speedrun.errors import UserError, describe, find_user_error
+from cifar_speedrun.errors import UserError, describe, find_user_error, full_error
 from cifar_speedrun.interrupts import RunInterrupted
 from cifar_speedrun.module import SpeedrunModule
 
@@ -101,13 +101,21 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build from `cfg` and fit. Returns the results dict (also written to results.json)."""
+    """Build from `cfg` and fit, holding the run folder's lock. Returns the results dict (also in results.json)."""
     config_lib.validate(cfg)
-    try:
-        storage.check_writable(str(cfg.paths.output_dir))
-    except OSError as error:
-        raise UserError(f"cannot write to the output dir {cfg.paths.output_dir} ({error.strerror or error}): "
-                        "choose a writable hydra.run.dir / paths.output_dir") from error
+    output_dir = str(cfg.paths.output_dir)
+    if not storage.is_local(output_dir):
+        return _fit(cfg)
+    with run_lock.held(output_dir, "hydra.run.dir"):  # a multirun's job, or train() called from Python
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig) -> dict[str, Any]:
+    storage.check_writable(str(cfg.paths.output_dir), "paths.output_dir (hydra.run.dir)")
+    checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
+    if checkpointing is not None and checkpointing.get("dirpath"):
+        storage.check_writable(str(checkpointing.dirpath), "paths.checkpoint_dir (callbacks.checkpoint.dirpath)")
+    storage.check_writable(str(cfg.data.cache_dir), "paths.cache_dir (data.cache_dir)")
     for folder in (str(cfg.paths.output_dir), str(cfg.paths.checkpoint_dir)):
         storage.remove_stale(folder)  # temporary files of a run of this folder that was killed
     ckpt_path, checkpoint = _checkpoint_to_resume(cfg)
@@ -211,6 +219,22 @@ def _results_state(cfg: DictConfig) -> str | None:
             f"{'s' if len(history) != 1 else ''}, last test acc {100 * history[-1]['test_acc']:.2f}%")
 
 
+def _how_to_continue(cfg: DictConfig) -> str:
+    """After an interruption: the resume command when a checkpoint exists, else what is true."""
+    checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
+    if checkpointing is None:
+        return "checkpoints are off (callbacks.checkpoint=null): start the run again to train it"
+    last = storage.join(str(checkpointing.get("dirpath") or cfg.paths.checkpoint_dir), "last.ckpt")
+    try:
+        kept = storage.exists(last)
+    except Exception:  # an unreachable remote folder: say nothing that may be false
+        kept = False
+    if not kept:
+        return "no epoch had finished, so there is no checkpoint to resume from: start the run again"
+    return (f"the checkpoint of the last finished epoch is kept: resume with: python train.py "
+            f"hydra.run.dir={cfg.paths.output_dir} resume=true")
+
+
 def _finish_loggers(loggers: list[Any]) -> None:
     """Close W&B; a failure there loses nothing (results.json is already written) and says so."""
     for logger in loggers:
@@ -243,13 +267,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except RunInterrupted as interrupt:
         _record_failure(cfg, interrupt, status="interrupted")
         state = _results_state(cfg)
-        run_dir = str(cfg.paths.output_dir)
-        print(f"error: {interrupt}{f' ({state})' if state else ''}; the checkpoint of the last finished epoch is "
-              f"kept: resume with: python train.py hydra.run.dir={run_dir} resume=true", file=sys.stderr, flush=True)
+        print(f"error: {interrupt}{f' ({state})' if state else ''}; {_how_to_continue(cfg)}", file=sys.stderr,
+              flush=True)
         raise SystemExit(interrupt.exit_code) from None
     except Exception as error:
         _record_failure(cfg, error)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error():
             raise
         user_error = find_user_error(error)
         state = _results_state(cfg)
@@ -281,10 +304,8 @@ def main() -> None:
         args = sys.argv[1:]
         config_lib.check_arguments(args)
         args = resume_lib.resume_arguments(args)
-        sys.argv[1:] = args
         config_lib.check_group_overrides(args)
-        if not os.environ.get("HYDRA_FULL_ERROR"):
-            config_lib.check_composition(args, "train")
+        sys.argv[1:] = run_lock.pin_run_folder(args, config_lib.check_composition(args, "train"))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

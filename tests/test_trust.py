@@ -1,0 +1,622 @@
+"""The fault suite, part two: what a user can trust (issue 17). One class of fault at a time.
+
+Classes: files from someone else that try to run code (model.pt, last.ckpt), eval.py that must
+reproduce the run from the file alone, cause chains that loop, two runs into one folder, archives
+that cost without bound, errors that must be one line, messages that must be true, and the model
+file's inputs. Each case asserts the exit status, one clear line and that nothing was touched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY, run_train
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+from test_faults import _main, _one_error_line, _tiny_dataset
+
+from cifar_speedrun import archive as archive_lib
+from cifar_speedrun import evaluate as evaluate_lib
+from cifar_speedrun import interrupts, run_lock
+from cifar_speedrun.archive import safe_extract
+from cifar_speedrun.data import CIFAR10_CLASSES, load_cifar10_uint8
+from cifar_speedrun.errors import UserError, cause_chain, describe, find_user_error
+from cifar_speedrun.model import DavidNet
+from cifar_speedrun.model_file import FORMAT, build_model, load_model
+
+DAVIDNET = "cifar_speedrun.model.DavidNet"
+
+
+def _eval_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """eval.py's main() in this process, as a user starts it: exit code and stderr."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    GlobalHydra.instance().clear()
+    try:
+        evaluate_lib.main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else (0 if exit_info.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
+def _eval_process(args: list[str], cwd: Path, cache_dir: str) -> subprocess.CompletedProcess[str]:
+    """eval.py as a user runs it, with no CIFAR10_ARCHIVE: the data must come from the checkpoint."""
+    env = {key: value for key, value in os.environ.items() if key != "CIFAR10_ARCHIVE"}
+    env.update(CIFAR_SPEEDRUN_CACHE=cache_dir, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(REPO / "eval.py"), *args, f"paths.log_dir={cwd}/logs"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+# ================================================================ a file from someone else runs no code
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    return victim
+
+
+def _attacks(victim: Path, payload: Path) -> list[tuple[str, dict]]:
+    """Model configs an attacker could put in model.pt or a checkpoint, one per class of attack."""
+    return [
+        ("attribute path through an imported module (truncate a file)",
+         {"_target_": "cifar_speedrun.model.torch.os.open", "path": str(victim), "flags": os.O_TRUNC | os.O_WRONLY}),
+        ("attribute path to torch.save (overwrite a file)",
+         {"_target_": "cifar_speedrun.model.torch.save", "obj": "owned", "f": str(victim)}),
+        ("attribute path to makedirs", {"_target_": "cifar_speedrun.model.torch.os.makedirs",
+                                        "name": str(victim.parent / "made")}),
+        ("torch.load of a second file without weights_only",
+         {"_target_": "cifar_speedrun.model.torch.load", "f": str(payload), "weights_only": False}),
+        ("a plain module function", {"_target_": "os.system", "command": f"echo owned > {victim}"}),
+        ("a target that is not text", {"_target_": ["os", "system"]}),
+        ("nested target in an argument", {"_target_": DAVIDNET,
+                                          "norm": {"_target_": "os.system", "command": f"echo owned > {victim}"}}),
+        ("nested target in a list", {"_target_": DAVIDNET, "whitening": [{"_target_": "os.getcwd"}]}),
+        ("positional _args_", {"_target_": DAVIDNET, "_args_": [1.0]}),
+        ("_partial_", {"_target_": DAVIDNET, "_partial_": True}),
+        ("_recursive_ / _convert_", {"_target_": DAVIDNET, "_recursive_": False, "_convert_": "all"}),
+        ("an argument the class does not take", {"_target_": DAVIDNET, "command": "echo owned"}),
+        ("a non-data argument value (a tensor)", {"_target_": DAVIDNET, "width": torch.tensor(1.0)}),
+    ]
+
+
+@pytest.fixture()
+def payload(tmp_path: Path) -> Path:
+    """A pickle that would write a file if anything unpickled it without weights_only."""
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "payload.pt"
+    path.write_bytes(pickle.dumps(Payload()))
+    return path
+
+
+def test_every_attack_class_on_a_model_config_builds_nothing(tmp_path: Path, payload: Path) -> None:
+    victim = _victim(tmp_path)
+    for name, config in _attacks(victim, payload):
+        with pytest.raises(UserError) as info:
+            build_model(config, "handed.pt")
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("handed.pt") and "refusing" in message, name
+    assert victim.read_text() == "precious" and not (tmp_path / "made").exists()
+    assert not (tmp_path / "payload-ran").exists()
+    # Text is passed as text: an interpolation in a file is never resolved (here: not an activation name).
+    with pytest.raises(UserError, match=r"model.activation='\$\{oc.env:HOME\}' is not known"):
+        build_model({"_target_": DAVIDNET, "activation": "${oc.env:HOME}"}, "handed.pt")
+
+
+def test_the_registry_builds_each_family_from_its_plain_config() -> None:
+    net = build_model({"_target_": DAVIDNET, "width": 0.125, "norm": {"kind": "ghost", "ghost_splits": 4}},
+                      "model.pt")
+    assert isinstance(net, DavidNet) and net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    airbench = build_model({"_target_": "cifar_speedrun.model.AirbenchNet", "width": 0.125, "widths": [64, 256, 256]},
+                           "model.pt")
+    assert type(airbench).__name__ == "AirbenchNet"
+
+
+def _model_file(path: Path, config: dict, state: dict | None = None) -> Path:
+    torch.save({"format": FORMAT, "model_config": config, "state_dict": state or {}, "mean": [0.0] * 3,
+                "std": [1.0] * 3, "classes": list(CIFAR10_CLASSES)}, path)
+    return path
+
+
+def _checkpoint(path: Path, config: dict) -> Path:
+    torch.save({"state_dict": {}, "epoch": 0, "hyper_parameters": {"run_config": {"config": {"model": config}}}},
+               path)
+    return path
+
+
+@pytest.mark.parametrize("index", range(5), ids=["os.open", "torch.save", "makedirs", "torch.load", "os.system"])
+def test_a_hostile_model_file_or_checkpoint_through_load_model_and_eval_is_refused(
+        index: int, tmp_path: Path, payload: Path, monkeypatch, capsys) -> None:
+    victim = _victim(tmp_path)
+    name, config = _attacks(victim, payload)[index]
+    model_pt = _model_file(tmp_path / "model.pt", config)
+    ckpt = _checkpoint(tmp_path / "last.ckpt", config)
+    with pytest.raises(UserError, match="not one of this project's model families"):
+        load_model(str(model_pt))
+    for path in (model_pt, ckpt):
+        code, stderr = _eval_main([f"ckpt_path={path}", f"paths.log_dir={tmp_path}/logs"], monkeypatch, capsys)
+        assert code == 2 and "refusing to build it" in _one_error_line(stderr), (name, stderr)
+    assert victim.read_text() == "precious" and not (tmp_path / "made").exists()
+    assert not (tmp_path / "payload-ran").exists()
+
+
+# ================================================================ eval.py reproduces the run, from the file alone
+# Every experiment and averaging trick, under tiny settings; the last sweep is shorter than each
+# averaging's start.
+TINY_CPU = ["trainer=cpu", "data.source=image_folder", "model.width=0.125", "data.test_subset=300",
+            "trainer.enable_progress_bar=false"]
+SWEEPS = {
+    "experiments": ["experiment=page_baseline,page_final,airbench94,airbench94_muon", "data.subset=1024",
+                    "data.batch_size=256", "epochs=3"],
+    "averaging": ["+trick=ema,lookahead", "data.subset=512", "data.batch_size=128", "epochs=3",
+                  "optim.schedule.epochs=[0,1,3]", "callbacks.checkpoint.save_top_k=-1",
+                  "callbacks.checkpoint.filename='{epoch}'"],
+    # 3 steps in all: page_final's EMA updates first at step 5, airbench94's lookahead at epoch 3 (0-based).
+    "shorter than the averaging's start": ["experiment=airbench94,page_final", "data.subset=256",
+                                           "data.batch_size=256", "epochs=3"],
+}
+
+
+@pytest.fixture(scope="module")
+def swept_runs(tmp_path_factory: pytest.TempPathFactory, archive: str, cache_dir: str) -> dict[str, list[Path]]:
+    root = tmp_path_factory.mktemp("swept")
+    runs = {}
+    for name, overrides in SWEEPS.items():
+        sweep = root / name.replace(" ", "_").replace("'", "")
+        result = run_train(["-m", *TINY_CPU, *overrides, f"hydra.sweep.dir={sweep}"], root, cache_dir, archive,
+                           timeout=1800)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = sorted(p.parent for p in sweep.glob("*/results.json"))
+    return runs
+
+
+def _sweep_of(key: str, values: list[str]) -> str:
+    """A multirun override over paths, each quoted (a checkpoint's name holds '=')."""
+    return f"{key}=" + ",".join(f"'{value}'" for value in values)
+
+
+@pytest.mark.slow
+def test_eval_of_last_ckpt_and_model_pt_reproduces_every_runs_own_accuracy(swept_runs, tmp_path: Path,
+                                                                          cache_dir: str) -> None:
+    """One eval.py multirun over every run's last.ckpt and model.pt, with no data settings given."""
+    paths, expected = [], {}
+    for runs in swept_runs.values():
+        for run in runs:
+            record = json.loads((run / "results.json").read_text())
+            assert record["status"] == "ok"
+            for file in (run / "checkpoints" / "last.ckpt", run / "model.pt"):
+                if file.exists() or file.name == "model.pt":
+                    paths.append(str(file))
+                    expected[str(file)] = record["test_acc"]
+    with_ckpt = [p for p in paths if p.endswith("last.ckpt")]
+    assert len(with_ckpt) == 6, "the averaging sweep keeps each epoch's file instead (next test)"
+    result = _eval_process(["-m", _sweep_of("ckpt_path", paths), "trainer=cpu", f"hydra.sweep.dir={tmp_path}/ev"],
+                           tmp_path, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in (tmp_path / "ev").glob("*/results.json"):
+        evaluated = json.loads(job.read_text())
+        assert evaluated["test_acc"] == pytest.approx(expected[evaluated["ckpt_path"]], abs=1e-6), evaluated
+        assert evaluated["data"]["source"] == "image_folder" and evaluated["test_images"] == 300
+    assert len(list((tmp_path / "ev").glob("*/results.json"))) == len(paths)
+
+
+@pytest.mark.slow
+def test_a_mid_run_checkpoint_holds_what_the_run_evaluated_then(swept_runs, tmp_path: Path, cache_dir: str) -> None:
+    """Every epoch's checkpoint of the EMA and lookahead runs scores that epoch's own test accuracy."""
+    paths, expected = [], {}
+    for run in swept_runs["averaging"]:
+        history = json.loads((run / "results.json").read_text())["history"]
+        assert len(history) == 3
+        for epoch, entry in enumerate(history):
+            checkpoint = run / "checkpoints" / f"epoch={epoch}.ckpt"  # Lightning's '{epoch}': the 0-based index
+            assert checkpoint.exists(), sorted(p.name for p in checkpoint.parent.iterdir())
+            paths.append(str(checkpoint))
+            expected[str(checkpoint)] = entry["test_acc"]
+    result = _eval_process(["-m", _sweep_of("ckpt_path", paths), f"hydra.sweep.dir={tmp_path}/ev"], tmp_path,
+                           cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = {json.loads(p.read_text())["ckpt_path"]: json.loads(p.read_text())["test_acc"]
+              for p in (tmp_path / "ev").glob("*/results.json")}
+    assert scored == pytest.approx(expected, abs=1e-6)  # the run records fp32 (torchmetrics): 1e-6 < 1/300
+
+
+@pytest.mark.slow
+def test_eval_takes_train_py_groups_that_make_sense_and_refuses_the_others(swept_runs, tmp_path: Path,
+                                                                          monkeypatch, capsys) -> None:
+    model_pt = swept_runs["shorter than the averaging's start"][0] / "model.pt"
+    code, stderr = _eval_main([f"ckpt_path={model_pt}", "trainer=cpu", f"paths.log_dir={tmp_path}/logs"],
+                              monkeypatch, capsys)
+    assert code == 0, stderr
+    for group in ("debug=smoke", "experiment=page_final", "model=airbench94", "proxy=cpu", "optim=muon"):
+        code, stderr = _eval_main([f"ckpt_path={model_pt}", group, f"paths.log_dir={tmp_path}/logs"], monkeypatch,
+                                  capsys)
+        assert code == 2 and f"{group} shapes training" in _one_error_line(stderr)
+    code, stderr = _eval_main([f"ckpt_path={model_pt}", "trainer=ddp"], monkeypatch, capsys)
+    assert code == 2 and "runs on one device" in _one_error_line(stderr)
+
+
+@pytest.mark.slow
+def test_eval_refuses_weights_that_are_not_finite_or_do_not_fit(swept_runs, tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
+    model_pt = swept_runs["shorter than the averaging's start"][0] / "model.pt"
+    blob = torch.load(model_pt, weights_only=True)
+    first = next(key for key, value in blob["state_dict"].items() if value.is_floating_point())
+    blob["state_dict"][first] = blob["state_dict"][first].clone().fill_(float("nan"))
+    torch.save(blob, tmp_path / "nan.pt")
+    code, stderr = _eval_main([f"ckpt_path={tmp_path / 'nan.pt'}", f"paths.log_dir={tmp_path}/logs"], monkeypatch,
+                              capsys)
+    assert code == 2 and f"not finite (NaN or inf in {first})" in _one_error_line(stderr)
+    blob = torch.load(model_pt, weights_only=True)
+    blob["model_config"]["width"] = 0.25  # the stored config disagrees with the weights
+    torch.save(blob, tmp_path / "mismatch.pt")
+    code, stderr = _eval_main([f"ckpt_path={tmp_path / 'mismatch.pt'}", f"paths.log_dir={tmp_path}/logs"],
+                              monkeypatch, capsys)
+    assert code == 2 and "do not fit the model its stored config describes" in _one_error_line(stderr)
+
+
+# ================================================================ cause chains end; each error is raised once
+def test_cause_chain_walks_end_on_a_self_cause_and_on_a_cycle() -> None:
+    looping = OSError(5, "I/O error")
+    looping.__cause__ = looping
+    assert list(cause_chain(looping)) == [looping] and find_user_error(looping) is None
+    first, second = RuntimeError("a"), ValueError("b")
+    first.__context__, second.__context__ = second, first
+    assert list(cause_chain(first)) == [first, second]
+    hidden = UserError("the fix")
+    wrapper, middle = RuntimeError("wrapped"), KeyError("k")
+    wrapper.__cause__, middle.__cause__, hidden.__cause__ = middle, hidden, wrapper  # a cycle through the UserError
+    assert find_user_error(wrapper) is hidden
+
+    class InstantiationException(Exception):  # Hydra's wrapper, by name
+        pass
+
+    wrapped = InstantiationException("Error in call to target 'x':\nfull_key: model")
+    wrapped.__cause__ = wrapped
+    assert describe(wrapped).startswith("building model")
+
+
+def test_a_non_disk_os_error_is_raised_once_not_as_its_own_cause(tmp_path: Path, monkeypatch) -> None:
+    from cifar_speedrun import storage
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", broken)
+    with pytest.raises(OSError) as info:
+        storage.write_bytes_atomic(b"x", str(tmp_path / "f"))
+    assert info.value.__cause__ is not info.value
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("paths.cache_dir={file}", "cannot use paths.cache_dir (data.cache_dir)={file}: {file} is a file, not a folder"),
+    ("paths.checkpoint_dir={file}", "cannot use paths.checkpoint_dir (callbacks.checkpoint.dirpath)={file}: {file} is "
+                                    "a file, not a folder"),
+    ("hydra.run.dir={tmp}/" + "x" * 300, "a name in it is longer than the filesystem allows"),
+    ("hydra.run.dir={file}/run", "{file} is a file, not a folder"),
+], ids=["cache dir is a file", "checkpoint dir is a file", "300-character folder name", "run dir under a file"])
+def test_places_that_cannot_be_used_exit_2_at_once(setting: str, message: str, tmp_path: Path, archive: str,
+                                                   cache_dir: str) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("in the way")
+    result = run_train([*TINY, setting.format(file=file, tmp=tmp_path)], tmp_path, cache_dir, archive, timeout=180)
+    assert result.returncode == 2 and message.format(file=file) in _one_error_line(result.stderr)
+
+
+# ================================================================ one run per folder
+def _hold_in_another_process(folder: Path) -> subprocess.Popen:
+    code = ("import sys, time; from cifar_speedrun import run_lock; "
+            "assert run_lock.try_lock(sys.argv[1], 'hydra.run.dir'); print('locked', flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_folder_in_use_is_refused_and_a_killed_holder_leaves_no_stuck_lock(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    holder = _hold_in_another_process(folder)
+    try:
+        with pytest.raises(UserError, match=f"{folder} is in use by another run \\(pid {holder.pid} on "):
+            run_lock.lock_run_folder(str(folder), chosen=True)
+        moved = run_lock.lock_run_folder(str(folder), chosen=False)  # a default folder moves on instead
+        assert moved == f"{folder}_1"
+        run_lock.release(moved)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run_lock.lock_run_folder(str(folder), chosen=True) == str(folder), "the kernel released the lock"
+    run_lock.release(str(folder))
+
+
+def test_a_default_folder_that_holds_a_finished_run_is_not_reused(tmp_path: Path) -> None:
+    folder = tmp_path / "2026-11-30_12-00-00"
+    (folder / ".hydra").mkdir(parents=True)
+    assert run_lock.lock_run_folder(str(folder), chosen=False) == f"{folder}_1"
+    run_lock.release(f"{folder}_1")
+    assert run_lock.lock_run_folder(str(folder), chosen=True) == str(folder), "a chosen folder is reused as asked"
+    run_lock.release(str(folder))
+
+
+@pytest.mark.slow
+def test_a_second_train_py_into_a_running_runs_folder_is_refused_and_touches_nothing(
+        tmp_path: Path, archive: str, cache_dir: str) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, "epochs=200",
+                              "optim.schedule.epochs=[0,1,200]",
+                              "seed=7", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}/logs"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "results.json").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # the first run is training (it wrote results.json after its first epoch)
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        for args in ([*TINY, "seed=8", f"hydra.run.dir={run_dir}"], [f"hydra.run.dir={run_dir}", "resume=true"],
+                     ["-m", *TINY, "seed=8,9", f"hydra.sweep.dir={run_dir}"]):
+            second = run_train(args, tmp_path, cache_dir, archive, timeout=300)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"{run_dir} is in use by another run (pid {first.pid}" in _one_error_line(second.stderr)
+            assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides, "its config is untouched"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["seed"] == 7 and results["status"] == "interrupted"
+
+
+# ================================================================ archives: only what the dataset needs, within limits
+def _png_bytes(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _dataset_members(top: str = "cifar10/", per_class: int = 1) -> dict[str, bytes]:
+    return {f"{top}{split}/{label}/{i}.png": _png_bytes(i) for split in ("train", "test")
+            for label in CIFAR10_CLASSES for i in range(per_class)}
+
+
+def _tar(path: Path, members: dict[str, bytes], declared: dict[str, int] | None = None) -> Path:
+    """A .tar with the given members; `declared` gives a header size with no data behind it."""
+    with tarfile.open(path, "w") as bundle:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            bundle.addfile(info, io.BytesIO(data))
+        for name, size in (declared or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = size
+            header = info.tobuf(bundle.format, bundle.encoding, bundle.errors)
+            bundle.fileobj.write(header)  # the header only: a claim of `size` bytes with nothing behind it
+            bundle.offset += len(header)
+    return path
+
+
+def test_a_member_claiming_a_gigabyte_is_refused_before_anything_is_extracted(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "bomb.tar", _dataset_members(),
+                   declared={"cifar10/train/cat/huge.png": 1 << 30})
+    target = tmp_path / "extract"
+    with pytest.raises(UserError, match=r"'cifar10/train/cat/huge.png' is 1,073,741,824 bytes, more than 262,144"):
+        safe_extract(archive, target)
+    assert not any(p.is_file() for p in target.rglob("*")), "nothing was extracted"
+
+
+@pytest.mark.parametrize("limit,value,members,message", [
+    ("MAX_MEMBERS", 50, {f"junk/{i}.txt": b"" for i in range(60)}, "more than 50 entries"),
+    ("MAX_IMAGES", 15, _dataset_members(), "more than 15 images"),
+    ("MAX_TOTAL_BYTES", 20_000, _dataset_members(), "add up to more than 20,000 bytes"),
+], ids=["entries", "images", "total size"])
+def test_each_archive_limit_is_one_line(limit, value, members, message, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(archive_lib, limit, value)
+    with pytest.raises(UserError, match=message) as info:
+        safe_extract(_tar(tmp_path / "a.tar", members), tmp_path / "extract")
+    assert "\n" not in str(info.value)
+
+
+def test_the_limits_are_cifar_sized() -> None:
+    real = 60_022  # entries of ../shared's CIFAR-10 archive (60,000 images + 22 folders), at most 1,124 bytes each
+    assert archive_lib.MAX_MEMBERS >= 2 * real and archive_lib.MAX_IMAGES >= 60_000
+    assert archive_lib.MAX_IMAGE_BYTES >= 16 * 1024 and archive_lib.MAX_TOTAL_BYTES >= 10 * 55_250_913
+
+
+def test_a_macos_zip_loads_and_junk_is_not_extracted(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "cifar10.zip"
+    with zipfile.ZipFile(path, "w") as bundle:
+        for name, data in _dataset_members().items():
+            bundle.writestr(name, data)
+            folder, _, file = name.rpartition("/")
+            bundle.writestr(f"__MACOSX/{folder}/._{file}", b"apple double")
+        bundle.writestr("cifar10/.DS_Store", b"\0")
+        bundle.writestr("cifar10/README.txt", "hello")
+    data = load_cifar10_uint8("image_folder", None, str(path), str(tmp_path / "cache"))
+    assert len(data.train_y) == 10 and len(data.test_y) == 10
+    assert "skipped 22 other files" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").glob("extract-*")), "the scratch folder is gone"
+
+
+def test_an_archive_without_the_layout_names_its_own_top_folders(tmp_path: Path) -> None:
+    members = {"photos/cat.png": _png_bytes(), "photos/holiday/dog.png": _png_bytes(1), "README.txt": b"hello"}
+    with pytest.raises(UserError) as info:
+        load_cifar10_uint8("image_folder", None, str(_tar(tmp_path / "wrong.tar", members)), str(tmp_path / "cache"))
+    message = str(info.value)
+    assert "wrong.tar holds no images in train/<class>/" in message and "README.txt, photos" in message
+    assert "extract-" not in message
+
+
+def test_errors_inside_an_archive_name_the_archive_not_a_scratch_folder(tmp_path: Path) -> None:
+    members = _dataset_members()
+    members["cifar10/train/cat/0.png"] = b"not a png"
+    with pytest.raises(UserError) as info:
+        load_cifar10_uint8("image_folder", None, str(_tar(tmp_path / "handed.tar", members)), str(tmp_path / "cache"))
+    assert "handed.tar:cifar10/train/cat/0.png" in str(info.value) and "extract-" not in str(info.value)
+    two = {**_dataset_members("a/"), **_dataset_members("b/")}
+    with pytest.raises(UserError, match=r"two datasets \(a/ and b/\)"):
+        safe_extract(_tar(tmp_path / "two.tar", two), tmp_path / "x")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A real 32x32 PNG whose header says width x height (the CRC recomputed, so it parses)."""
+    data = bytearray(_png_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_a_decompression_bomb_header_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    dataset = _tiny_dataset(tmp_path / "d")
+    (dataset / "train" / "cat" / "0.png").write_bytes(_png_claiming(20_000, 20_000))
+    with pytest.raises(UserError, match="claims to be a huge image"):
+        load_cifar10_uint8("image_folder", None, str(dataset), str(tmp_path / "cache"), verbose=False)
+    code, stderr = _main([*TINY, f"data.path={dataset}", f"paths.cache_dir={tmp_path}/cache2",
+                          f"hydra.run.dir={tmp_path}/run"], monkeypatch, capsys)
+    assert code == 2 and "claims to be a huge image" in _one_error_line(stderr)
+
+
+# ================================================================ clean errors everywhere
+@pytest.mark.parametrize("argv,message", [
+    (["lr=0.1"], "unknown key lr: did you mean optim.lr=0.1?"),
+    (["optim.lrr=0.1"], "unknown key optim.lrr: did you mean optim.lr=0.1?"),
+    (["data.bach_size=64"], "unknown key data.bach_size: did you mean data.batch_size=64?"),
+    (["+trick=label_smoothing,celu"], "'+trick=[label_smoothing,celu]'"),
+    (["optim.lr=${optim.lr}"], "Recursive interpolation detected"),
+    (["optim.lr=${optim.nothing}"], "Interpolation key 'optim.nothing' not found"),
+    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed is fp16 autocast, which needs CUDA"),
+], ids=["top-level typo", "nested typo", "typo in data", "unquoted list", "recursive interpolation",
+        "missing interpolation", "fp16 on a CPU"])
+def test_mistakes_are_one_line_with_the_fix(argv, message, tmp_path: Path, monkeypatch, capsys) -> None:
+    code, stderr = _main([*TINY, *argv, f"hydra.run.dir={tmp_path}/run"], monkeypatch, capsys)
+    assert code == 2 and message in _one_error_line(stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "", "false"])
+def test_hydra_full_error_is_read_by_value(value: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "lr=0.1", f"hydra.run.dir={tmp_path}/run"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", value)
+    from cifar_speedrun import train as train_lib
+
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as info:
+        train_lib.main()
+    assert info.value.code == 2 and "did you mean optim.lr" in _one_error_line(capsys.readouterr().err)
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "lr=0.1", f"hydra.run.dir={tmp_path}/run"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the traceback, as Hydra means it
+    GlobalHydra.instance().clear()
+    with pytest.raises(Exception, match="Could not override 'lr'"):
+        train_lib.main()
+    GlobalHydra.instance().clear()
+
+
+# ================================================================ messages that are true
+@pytest.mark.slow
+def test_sigterm_before_the_first_checkpoint_does_not_offer_a_resume(tmp_path: Path, archive: str,
+                                                                      cache_dir: str) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, "data.subset=10000",
+                                "data.batch_size=10", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}/logs"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("[run] "):  # training has started; its first epoch takes a while
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    line = _one_error_line(stderr)
+    assert process.returncode == 143 and "no epoch had finished, so there is no checkpoint" in line
+    assert "resume=true" not in line and not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_broken_and_looping_symlinks_are_counted(tmp_path: Path, capsys) -> None:
+    dataset = _tiny_dataset(tmp_path / "d")
+    (dataset / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (dataset / "train" / "dog" / "loop.png").symlink_to(dataset / "train" / "dog" / "loop.png")
+    data = load_cifar10_uint8("image_folder", None, str(dataset), str(tmp_path / "cache"))
+    assert len(data.train_y) == 20
+    assert "train: skipped 2 broken or looping symlinks" in capsys.readouterr().out
+
+
+def test_the_run_line_lists_only_tricks_in_effect() -> None:
+    from cifar_speedrun.tracking import tricks_in_effect
+
+    assert tricks_in_effect(["mixed_precision", "ema"], "32-true") == (["ema"], ["mixed_precision"])
+    assert tricks_in_effect(["mixed_precision", "ema"], "bf16-mixed") == (["mixed_precision", "ema"], [])
+
+
+@pytest.mark.slow
+def test_results_name_the_code_commit_and_no_lightning_chatter(tmp_path: Path, archive: str, cache_dir: str) -> None:
+    """Started from outside the checkout (cwd is a temp folder), a run still records the code's commit."""
+    result = run_train([*TINY, "experiment=airbench94", "proxy=cpu", "data.subset=512", "data.batch_size=128",
+                        f"hydra.run.dir={tmp_path}/run"], tmp_path, cache_dir, archive)
+    assert result.returncode == 0, result.stderr[-3000:]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["git_commit"].startswith(commit)
+    run_line = next(line for line in result.stdout.splitlines() if line.startswith("[run] "))
+    assert "32-true · tricks: channels_last" in run_line and "(not in effect at 32-true: mixed_precision)" in run_line
+    for chatter in ("smaller than the logging interval", "exists and is not empty"):
+        assert chatter not in result.stderr + result.stdout
+
+
+# ================================================================ the model file's inputs
+def test_the_classifier_takes_uint8_or_unit_floats_and_refuses_the_rest(tmp_path: Path) -> None:
+    from cifar_speedrun.model_file import Classifier
+
+    torch.manual_seed(0)
+    net = DavidNet(width=0.125)
+    classifier = Classifier(net, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7), CIFAR10_CLASSES)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    logits = classifier(images)
+    assert torch.allclose(classifier(images.float() / 255), logits, atol=1e-4)
+    assert classifier(images[0]).shape == (1, 10)
+    probabilities = classifier.probabilities(images)
+    assert torch.allclose(probabilities.sum(dim=1), torch.ones(4))
+    top = classifier.topk(images, k=3)
+    assert len(top) == 4 and all(a[1] >= b[1] for row in top for a, b in zip(row, row[1:], strict=False))
+    assert [row[0][0] for row in top] == classifier.classify(images)
+    with pytest.raises(ValueError, match="float images must be in \\[0, 1\\]"):
+        classifier(images.float())
+    with pytest.raises(ValueError, match="channels last"):
+        classifier(images.permute(0, 2, 3, 1))
+
+
+# ================================================================ cleanup survives a second signal
+def test_a_cleanup_finishes_through_two_signals_then_the_interruption_arrives(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "extract-scratch"
+    for i in range(200):
+        (folder / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        (folder / str(i % 10) / f"{i}.png").write_bytes(b"x")
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupts.raise_on_signals()
+    try:
+        with pytest.raises(interrupts.RunInterrupted):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                shutil.rmtree(folder)
+        assert not folder.exists(), "the removal finished before the interruption was delivered"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
