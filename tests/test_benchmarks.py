@@ -29,9 +29,9 @@ def test_gpu_speedrun_smoke_runs_recipes_side_by_side_on_cpu(tmp_path: Path, arc
     assert all(s["n"] == 2 for s in report["summary"].values())
     assert all(r["eval_seconds"] > 0 and r["fit_seconds"] is not None for r in report["runs"])
     assert "(95% CI)" in result.stdout and "by airbench's rules" in result.stdout
-    page = json.loads((tmp_path / "page_final-32-true-seed0" / "results.json").read_text())
+    page = json.loads((tmp_path / "runs" / "page_final-32-true-seed0" / "results.json").read_text())
     assert set(page["tricks"]) >= {"ghost_bn", "whitening", "ema", "tta"}
-    airbench = json.loads((tmp_path / "airbench94-32-true-seed0" / "results.json").read_text())
+    airbench = json.loads((tmp_path / "runs" / "airbench94-32-true-seed0" / "results.json").read_text())
     assert {"alternating_flip", "lookahead"} <= set(airbench["tricks"])
     assert airbench["config"]["model"]["_target_"].endswith("AirbenchNet")
 

@@ -311,8 +311,7 @@ def test_a_non_disk_os_error_is_raised_once_not_as_its_own_cause(tmp_path: Path,
 
 @pytest.mark.parametrize("setting,message", [
     ("paths.cache_dir={file}", "cannot use paths.cache_dir (data.cache_dir)={file}: {file} is a file, not a folder"),
-    ("paths.checkpoint_dir={file}", "cannot use paths.checkpoint_dir (callbacks.checkpoint.dirpath)={file}: {file} is "
-                                    "a file, not a folder"),
+    ("paths.checkpoint_dir={file}", "cannot use paths.checkpoint_dir={file}: {file} is a file, not a folder"),
     ("hydra.run.dir={tmp}/" + "x" * 300, "a name in it is longer than the filesystem allows"),
     ("hydra.run.dir={file}/run", "{file} is a file, not a folder"),
 ], ids=["cache dir is a file", "checkpoint dir is a file", "300-character folder name", "run dir under a file"])
@@ -327,7 +326,8 @@ def test_places_that_cannot_be_used_exit_2_at_once(setting: str, message: str, t
 # ================================================================ one run per folder
 def _hold_in_another_process(folder: Path) -> subprocess.Popen:
     code = ("import sys, time; from cifar_speedrun import run_lock; "
-            "assert run_lock.try_lock(sys.argv[1], 'hydra.run.dir'); print('locked', flush=True); time.sleep(600)")
+            "assert run_lock.try_lock(sys.argv[1], 'hydra.run.dir') is None; print('locked', flush=True); "
+            "time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "locked"
     return process
@@ -620,3 +620,160 @@ def test_a_cleanup_finishes_through_two_signals_then_the_interruption_arrives(tm
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ================================================================ a hostile file's other fields, size and data
+def _smoke_model_file(tmp_path: Path) -> dict:
+    """A real model.pt's contents (a tiny DavidNet), to be edited into hostile variants."""
+    from cifar_speedrun.model_file import save_model_file
+
+    net = DavidNet(width=0.125)
+    path = tmp_path / "real.pt"
+    save_model_file(str(path), net, {"_target_": DAVIDNET, "width": 0.125}, [125.0] * 3, [63.0] * 3, CIFAR10_CLASSES,
+                    {"flip": False}, {}, {"source": "image_folder", "path": "/nowhere.tar.gz"}, "32-true")
+    return torch.load(path, weights_only=True)
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"model_config": {"_target_": DAVIDNET, "width": 200.0}}, "values, more than"),
+    ({"model_config": {"_target_": DAVIDNET, "num_classes": 10**10}}, "values, more than"),
+    ({"model_config": {"_target_": DAVIDNET, "width": 2.0}}, "weights do not fit"),
+    ({"model_config": {"_target_": DAVIDNET, "whitening": {"enabled": True, "kernel_size": 300}}}, "values, more than"),
+    ({"model_config": {"_target_": DAVIDNET, "norm": _nested(100)}}, "nested deeper than"),
+    ({"model_config": {"_target_": DAVIDNET, "activation": "x" * 100_000}}, "characters of text"),
+    ({"model_config": {"_target_": DAVIDNET, "width": "1"}}, "do not build a DavidNet"),
+    ({"mean": None}, "its mean is"),
+    ({"std": [1.0, 0.0, 1.0]}, "its std is"),
+    ({"tta": [1, 2]}, "its tta is"),
+    ({"tta": {"flip": "yes"}}, "its tta.flip is"),
+    ({"data": {"test_subset": "abc"}}, "its data.test_subset is"),
+    ({"data": {"test_subset": -5}}, "its data.test_subset is"),
+    ({"precision": "evil"}, "its precision is"),
+], ids=["huge width", "huge head", "width the weights do not have", "huge whitening", "deep nesting", "long text",
+        "text width", "no mean", "zero std", "tta not a dict", "tta flag not a bool", "test subset text",
+        "negative test subset", "unknown precision"])
+def test_every_field_of_a_model_file_is_checked_before_use(edit: dict, message: str, tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:
+    blob = {**_smoke_model_file(tmp_path), **edit}
+    torch.save(blob, tmp_path / "edited.pt")
+    with pytest.raises(UserError, match=message):
+        load_model(str(tmp_path / "edited.pt"))
+    code, stderr = _eval_main([f"ckpt_path={tmp_path / 'edited.pt'}", f"paths.log_dir={tmp_path}/logs"],
+                              monkeypatch, capsys)
+    assert code == 2 and message in _one_error_line(stderr)
+
+
+def test_a_model_files_data_root_is_never_used(tmp_path: Path, monkeypatch, capsys) -> None:
+    """torchvision's download folder is the evaluator's (data.root), never one a file names."""
+    blob = _smoke_model_file(tmp_path)
+    planted = tmp_path / "planted"
+    blob["data"] = {"source": "torchvision", "root": str(planted)}
+    torch.save(blob, tmp_path / "handed.pt")
+    own = tmp_path / "own-root"
+    code, stderr = _eval_main([f"ckpt_path={tmp_path / 'handed.pt'}", f"data.root={own}",
+                               f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/logs"],
+                              monkeypatch, capsys)
+    assert code == 2 and f"data.root={own}" in _one_error_line(stderr)  # no network here: the download fails
+    assert not planted.exists()
+
+
+def test_skipped_members_count_against_the_bytes_read_and_long_names_are_skipped(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "readme.tar", _dataset_members(), declared={"README": 2 << 30})
+    with pytest.raises(UserError, match="members add up to more than"):
+        safe_extract(archive, tmp_path / "x")
+    members = {**_dataset_members(), "cifar10/train/cat/" + "n" * 300 + ".png": _png_bytes()}
+    root = safe_extract(_tar(tmp_path / "long.tar", members), tmp_path / "y")
+    assert len(list((root / "train" / "cat").iterdir())) == 1
+
+
+def test_an_archive_file_larger_than_any_cifar_archive_is_not_read(tmp_path: Path, monkeypatch) -> None:
+    from cifar_speedrun.data import source_identity
+
+    monkeypatch.setattr(archive_lib, "MAX_ARCHIVE_BYTES", 1000)
+    big = tmp_path / "big.tar.gz"
+    big.write_bytes(b"\0" * 2000)
+    with pytest.raises(UserError, match="2,000 bytes, more than a CIFAR-sized dataset archive"):
+        source_identity("image_folder", str(big))
+
+
+# ================================================================ every way into a folder in use
+@pytest.fixture()
+def held_folder(tmp_path: Path):
+    folder = tmp_path / "busy"
+    holder = _hold_in_another_process(folder)
+    yield folder, holder
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+
+
+def test_eval_into_a_folder_in_use_is_refused(held_folder, tmp_path: Path, monkeypatch, capsys) -> None:
+    folder, holder = held_folder
+    model_pt = tmp_path / "m.pt"
+    torch.save(_smoke_model_file(tmp_path), model_pt)
+    for args in ([f"paths.output_dir={folder}", f"hydra.run.dir={tmp_path}/e1"], [f"hydra.run.dir={folder}"]):
+        code, stderr = _eval_main([f"ckpt_path={model_pt}", *args], monkeypatch, capsys)
+        assert code == 2 and f"in use by another run (pid {holder.pid}" in _one_error_line(stderr)
+    assert sorted(p.name for p in folder.iterdir()) == [".run.lock"], "nothing written there"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--run", "hydra.run.dir={busy}"],
+    ["paths.checkpoint_dir={busy}/checkpoints", "hydra.run.dir={tmp}/r2"],
+    ["paths.output_dir={busy}", "hydra.run.dir={tmp}/r3"],
+    ["-m", "seed=0,1", "hydra.sweep.dir={busy_parent}"],
+], ids=["--run", "shared checkpoint folder", "paths.output_dir", "multirun job folder"])
+def test_train_into_a_folder_in_use_is_refused_before_anything_is_written(argv, held_folder, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    folder, holder = held_folder
+    if "{busy_parent}" in " ".join(argv):  # a sweep whose job 0 is the held folder
+        folder = tmp_path / "sweep" / "0"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder = _hold_in_another_process(folder)
+    try:
+        args = [a.format(busy=folder, tmp=tmp_path, busy_parent=folder.parent) for a in argv]
+        monkeypatch.setenv("LOCAL_RANK", "1")  # an inherited LOCAL_RANK turns nothing off
+        code, stderr = _main([*TINY, *args], monkeypatch, capsys)
+        assert code == 2 and f"in use by another run (pid {holder.pid}" in _one_error_line(stderr)
+        assert sorted(p.name for p in folder.iterdir()) == [".run.lock"], "nothing written there"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-cd", "/tmp"], "-cd is not taken here"),
+    (["--config-name", "eval"], "--config-name is not taken here"),
+    (["--frobnicate"], "unknown flag --frobnicate"),
+    (["trainer.accelerator=cuda"], "but this machine has no CUDA device"),
+    (["trainer.accelerator=mps"], "trainer.accelerator=mps is not supported here"),
+], ids=["config dir", "config name", "unknown flag", "cuda without cuda", "mps"])
+def test_flags_and_devices_that_cannot_run_are_one_line(argv, message, tmp_path: Path, monkeypatch, capsys) -> None:
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, stderr = _main([*TINY, *argv, f"hydra.run.dir={tmp_path}/run"], monkeypatch, capsys)
+    assert code == 2 and message in _one_error_line(stderr)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["device=meta"], "device='meta' is not a device here"),
+    (["device=xpu"], "device='xpu' is not a device here"),
+    (["ckpt_path=null"], "eval.py needs ckpt_path="),
+    ([], "eval.py needs ckpt_path="),
+], ids=["meta", "xpu", "null path", "no path"])
+def test_eval_arguments_that_cannot_run_are_one_line_and_leave_no_folder(argv, message, tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    model_pt = tmp_path / "m.pt"
+    torch.save(_smoke_model_file(tmp_path), model_pt)
+    path = [] if any(a.startswith("ckpt_path") for a in argv) or not argv else [f"ckpt_path={model_pt}"]
+    code, stderr = _eval_main([*path, *argv, f"paths.log_dir={tmp_path}/logs"], monkeypatch, capsys)
+    assert code == 2 and message in _one_error_line(stderr)
+    if "ckpt_path" in message:
+        assert not (tmp_path / "logs").exists()

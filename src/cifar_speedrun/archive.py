@@ -6,8 +6,9 @@ make a plain `extractall()` (what torchvision's extract_archive calls, without a
 3.11) write outside the extraction folder: such members (links, devices and FIFOs too) refuse the
 whole archive, naming the first one. A 2 MB tar.gz can hold a 1 GiB member of zeros, or 200,000
 empty files: so only image files of the dataset's layout (`[top/]train|test/<class>/<image>`) are
-extracted, each at most `MAX_IMAGE_BYTES`, at most `MAX_IMAGES` of them and `MAX_TOTAL_BYTES` in all,
-and at most `MAX_MEMBERS` entries are read. Everything else (a README, macOS's `__MACOSX/` and `._*`
+extracted, each at most `MAX_IMAGE_BYTES`, at most `MAX_IMAGES` of them and `MAX_TOTAL_BYTES` in
+all; at most `MAX_MEMBERS` entries and `MAX_ARCHIVE_BYTES` (skipped members included) are read, and
+a larger archive file is not read at all. Everything else (a README, macOS's `__MACOSX/` and `._*`
 twins, `.DS_Store`) is skipped. Each limit, and an archive without the layout, is one line naming
 the archive and what it holds. Python's own `filter="data"` is applied on top where it exists.
 """
@@ -36,6 +37,12 @@ MAX_TOTAL_BYTES = CIFAR10_IMAGES * 16 * 1024
 # Entries read (folders, skipped files included): the images, their folders, a macOS `._*` twin for
 # each image, and as much again; more is not a CIFAR-sized archive.
 MAX_MEMBERS = 5 * CIFAR10_IMAGES
+# Bytes of all members together, skipped ones included (reading a .tar.gz decompresses every member it
+# passes, so a 2 KB .tar.bz2 can hold a 2 GB README): twice the images' limit. Also the largest
+# archive file that is read at all.
+MAX_ARCHIVE_BYTES = 2 * MAX_TOTAL_BYTES
+# The longest file name most filesystems take (bytes).
+MAX_NAME_BYTES = 255
 SPLITS = ("train", "test")
 
 
@@ -92,6 +99,7 @@ class _Selection:
     top: str | None = None  # the one folder above train/ and test/ ("" for none), from the first image
     images: list[str] = field(default_factory=list)
     total_bytes: int = 0
+    all_bytes: int = 0
     members: int = 0
     skipped: int = 0
     tops: set[str] = field(default_factory=set)  # the archive's own top-level entries, for messages
@@ -102,12 +110,16 @@ class _Selection:
         if self.members > MAX_MEMBERS:
             raise UserError(f"refusing to extract {self.archive.name}: it holds more than {MAX_MEMBERS:,} entries, "
                             f"not a CIFAR-sized dataset ({CIFAR10_IMAGES:,} images)")
+        self.all_bytes += max(0, size)
+        if self.all_bytes > MAX_ARCHIVE_BYTES:
+            raise UserError(f"refusing to extract {self.archive.name}: its members add up to more than "
+                            f"{MAX_ARCHIVE_BYTES:,} bytes (at {name[:80]!r}), more than a CIFAR-sized dataset holds")
         parts = PurePosixPath(name).parts
         if parts:
-            self.tops.add(parts[0])
+            self.tops.add(parts[0][:MAX_NAME_BYTES])
         if is_dir:
             return False
-        if not self._in_layout(parts):
+        if any(len(part.encode(errors="replace")) > MAX_NAME_BYTES for part in parts) or not self._in_layout(parts):
             self.skipped += 1
             return False
         top = parts[0] if len(parts) == 4 else ""
@@ -188,3 +200,11 @@ def safe_extract(archive: Path, target: Path) -> Path:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise UserError(f"could not extract {archive} ({type(error).__name__}: {first}); the archive is corrupt "
                         "or not a .tar/.tar.gz/.zip: replace it") from error
+
+
+def check_archive_size(archive: Path) -> None:
+    """An archive file larger than anything it may hold is refused before it is read (hashed) at all."""
+    size = archive.stat().st_size
+    if size > MAX_ARCHIVE_BYTES:
+        raise UserError(f"{archive} is {size:,} bytes, more than a CIFAR-sized dataset archive ({MAX_ARCHIVE_BYTES:,}):"
+                        " point data.path at a CIFAR-10 archive or folder")

@@ -286,6 +286,8 @@ class ModelFileWriter(Callback):
                  "tricks": run_config.get("tricks", []), "data": run_config.get("data_source")}
         data_config = (run_config.get("config") or {}).get("data") or {}
         data = {key: data_config.get(key) for key in DATA_FROM_RUN if key in data_config}
+        if getattr(datamodule, "source_id", None):
+            data["source_id"] = datamodule.source_id
         save_model_file(self.path, pl_module.net, model_config, datamodule.mean, datamodule.std, CIFAR10_CLASSES,
                         getattr(pl_module, "tta", None), about, data, str(trainer.precision))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.run_lock import RunFolders
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
@@ -138,21 +139,39 @@ def _unknown_override(key: str, overrides: list[str], config_name: str) -> UserE
     return UserError(f"unknown key {key}: {hint} (+{key}=... would add a key that nothing reads)")
 
 
-def check_composition(args: list[str], config_name: str = "train") -> tuple[str, bool, bool] | None:
+# Hydra's flags that only print (a config, help, completion): nothing runs, nothing is written.
+_PRINT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion",
+                "-sc", "--resolve", "--package", "-p")
+# Flags that would run another config than conf/<name>.yaml, around every check made here.
+_OTHER_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+_RUN_FLAGS = ("-m", "--multirun", "-r", "--run")
+
+
+def check_composition(args: list[str], config_name: str = "train") -> RunFolders | None:
     """Compose and resolve the config the first job would get, so a mistake fails in one line before Hydra starts.
 
     Hydra reports composition errors (a misspelled key, a bad value) over several lines plus a
     hint; this does the same composition up front and condenses the message: a key the config lacks
     gets the nearest one (`lr=0.1` -> did you mean optim.lr), a list value given to a single run
     gets how to quote it, an interpolation that cannot resolve (a loop, a missing key) is named.
-    With HYDRA_FULL_ERROR=1 the original error is raised instead. Flags (--cfg, --help, ...) are
-    left to Hydra; for a multirun the first job's overrides are checked.
+    With HYDRA_FULL_ERROR=1 the original error is raised instead. For a multirun the first job's
+    overrides are checked.
 
-    Returns (the run's folder, whether the user chose it, multirun), the folder with `${now:...}`
-    resolved, or None when Hydra is only asked to print something.
+    Returns where the command will write (run_lock.RunFolders, `${now:...}` resolved), or None when
+    Hydra is only asked to print something.
     """
-    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in args):
+    flags = [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
+    if any(flag in _PRINT_FLAGS for flag in flags):
         return None
+    other = [flag for flag in flags if flag in _OTHER_CONFIG_FLAGS]
+    if other:
+        raise UserError(f"{other[0]} is not taken here: {config_name}.py runs conf/{config_name}.yaml with overrides, "
+                        "checked before it starts (a config of your own goes in conf/experiment/<name>.yaml, "
+                        "then experiment=<name>)")
+    unknown = [flag for flag in flags if flag not in _RUN_FLAGS]
+    if unknown:
+        raise UserError(f"unknown flag {unknown[0]}: {config_name}.py takes -m (a multirun), --cfg job (print the "
+                        "config), --help, and key=value overrides")
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -163,8 +182,8 @@ def check_composition(args: list[str], config_name: str = "train") -> tuple[str,
 
     from cifar_speedrun.errors import full_error
 
-    multirun = "-m" in args or "--multirun" in args
-    overrides = [arg for arg in args if arg not in ("-m", "--multirun")]
+    multirun = "-m" in flags or "--multirun" in flags
+    overrides = [arg for arg in args if not arg.startswith("-")]
     first = overrides
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -184,6 +203,7 @@ def check_composition(args: list[str], config_name: str = "train") -> tuple[str,
             cfg = compose(config_name, overrides=list(first), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         run_dir = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        numbered = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
         task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
         OmegaConf.to_container(task, resolve=True)  # every interpolation resolves (no loop, no missing key)
     except UserError:
@@ -199,10 +219,11 @@ def check_composition(args: list[str], config_name: str = "train") -> tuple[str,
         GlobalHydra.instance().clear()
     chosen_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = any(_override_key(arg) == chosen_key for arg in overrides)
-    return run_dir, chosen, multirun
+    return RunFolders(run_dir, chosen, multirun, sum(len(batch) for batch in jobs) if multirun else 1, numbered)
 
 
 def _on_cuda(accelerator: str) -> bool:
+    """The run is meant for CUDA: asked for (gpu, cuda), or auto on a machine that has it."""
     import torch
 
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
@@ -290,6 +311,14 @@ def validate(cfg: DictConfig) -> None:
             f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or write the knots in `epochs` "
             "(e.g. [0,epochs/5,epochs])"
         )
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise UserError(f"trainer.accelerator={accelerator} is not supported here: use auto, cpu or gpu (CUDA)")
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA device: use trainer=cpu "
+                        "(or trainer.accelerator=auto)")
     precision = str(cfg.trainer.get("precision"))
     if precision in ("16-mixed", "16") and not _on_cuda(str(cfg.trainer.get("accelerator", "auto"))):
         raise UserError(f"trainer.precision={precision} is fp16 autocast, which needs CUDA (Lightning would run "

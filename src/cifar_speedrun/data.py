@@ -164,6 +164,10 @@ def source_identity(source: str, path: str | None) -> str:
         return "torchvision-official"
     if source == "image_folder":
         location = _existing_image_folder(path)
+        if location.is_file():
+            from cifar_speedrun.archive import check_archive_size
+
+            check_archive_size(location)
         fingerprint = _sha256_file(location) if location.is_file() else _directory_fingerprint(location)
         return f"image_folder-{fingerprint[:16]}"
     raise UserError(f"data.source={source!r} is not a data source; use data.source=torchvision or image_folder")
@@ -355,14 +359,16 @@ def _check_shapes(data: Cifar10Uint8) -> None:
             raise UserError(f"CIFAR-10 {split} labels fall outside 0..9: the dataset is not CIFAR-10")
 
 
-def select_subset(labels: torch.Tensor, size: int, mode: str = "per_class", seed: int = 0) -> torch.Tensor:
-    """Indices of a training subset: the first size/10 images of each class, or a seeded sample.
+def select_subset(labels: torch.Tensor, size: int, mode: str = "per_class", seed: int = 0,
+                  key: str = "data.subset") -> torch.Tensor:
+    """Indices of a subset: the first size/10 images of each class, or a seeded sample.
 
     `per_class` keeps the classes balanced, which matters for tiny subsets; `random` is a plain
-    uniform sample without replacement.
+    uniform sample without replacement. `key` names the setting in messages (data.test_subset).
     """
     if size <= 0 or size > len(labels):
-        raise UserError(f"data.subset={size} must be between 1 and {len(labels)} (the train set size)")
+        split = "test" if "test" in key else "train"
+        raise UserError(f"{key}={size} must be between 1 and {len(labels)} (the {split} set size)")
     if mode == "random":
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(labels), generator=generator)[:size].sort().values
@@ -619,6 +625,7 @@ class Cifar10DataModule(L.LightningDataModule):
         self.num_train_images = self.num_test_images = 0  # known after setup
         self._pending_state: dict[str, Any] | None = None
         self._uint8: Cifar10Uint8 | None = None
+        self._source_id: str | None = None  # kept after the host copy is dropped
 
     def load_uint8(self) -> Cifar10Uint8:
         if self._uint8 is None:
@@ -636,6 +643,7 @@ class Cifar10DataModule(L.LightningDataModule):
         if self._train_batches is not None:
             return
         data = self.load_uint8()
+        self._source_id = data.source_id
         self._uint8 = None  # the host copy is not needed once the tensors are on the device
         train_x, train_y = data.train_x, data.train_y
         if self.subset:
@@ -643,7 +651,7 @@ class Cifar10DataModule(L.LightningDataModule):
             train_x, train_y = train_x[index], train_y[index]
         test_x, test_y = data.test_x, data.test_y
         if self.test_subset:
-            index = select_subset(test_y, int(self.test_subset), "per_class", self.seed)
+            index = select_subset(test_y, int(self.test_subset), "per_class", self.seed, "data.test_subset")
             test_x, test_y = test_x[index], test_y[index]
         if self.normalize == "computed":
             self.mean, self.std = channel_stats(data.train_x)
@@ -687,9 +695,15 @@ class Cifar10DataModule(L.LightningDataModule):
     def test_dataloader(self) -> EvalBatches:
         return self._test
 
+    @property
+    def source_id(self) -> str | None:
+        """Which data this is (data.source_identity), once loaded: recorded in checkpoints and model.pt."""
+        return self._uint8.source_id if self._uint8 is not None else self._source_id
+
     def state_dict(self) -> dict[str, Any]:
         # The generators' states make a resumed run draw the same batches as an uninterrupted one.
-        return self._train_batches.state_dict() if self._train_batches is not None else {}
+        state = self._train_batches.state_dict() if self._train_batches is not None else {}
+        return {**state, "source_id": self.source_id} if state else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

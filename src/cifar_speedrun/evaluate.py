@@ -36,7 +36,7 @@ from cifar_speedrun.data import (
     standardize,
 )
 from cifar_speedrun.errors import UserError, find_user_error, full_error
-from cifar_speedrun.model_file import DATA_FROM_RUN, build_model, is_model_file, load_weights
+from cifar_speedrun.model_file import DATA_FROM_RUN, build_model, check_record, is_model_file, load_weights
 from cifar_speedrun.module import tta_logits
 
 # Tricks that change how a trained network is evaluated; the others change training.
@@ -59,28 +59,43 @@ def _load_blob(path: str) -> Any:
 
 
 def _trained_model(path: str) -> dict[str, Any]:
-    """Model config, weights, normalization, data settings and training facts from a checkpoint or model file."""
+    """Model config, weights, normalization, data settings and training facts from a checkpoint or model
+    file, every field checked as data (model_file.check_record) before it is used."""
     blob = _load_blob(path)
     if is_model_file(blob):
-        return {"model": blob["model_config"], "state_dict": blob["state_dict"], "mean": blob["mean"],
-                "std": blob["std"], "tta": blob.get("tta") or {}, "trained": blob.get("about") or {},
-                "data": dict(blob.get("data") or {}), "precision": blob.get("precision")}
+        record = {"model": blob.get("model_config"), "state_dict": blob.get("state_dict"), "mean": blob.get("mean"),
+                  "std": blob.get("std"), "classes": blob.get("classes"), "tta": blob.get("tta") or {},
+                  "trained": blob.get("about") or {}, "data": dict(blob.get("data") or {}),
+                  "precision": blob.get("precision")}
+        check_record(record, path)
+        return record
     hparams = blob.get("hyper_parameters") if isinstance(blob, dict) else None
-    run_config = (hparams or {}).get("run_config") or {}
-    config = run_config.get("config") or {}
-    if not isinstance(blob, dict) or "state_dict" not in blob or "model" not in config:
+    run_config = (hparams or {}).get("run_config") or {} if isinstance(hparams, dict) else {}
+    config = run_config.get("config") or {} if isinstance(run_config, dict) else {}
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or "model" not in config:
         raise UserError(f"ckpt_path={path} is not a checkpoint written by this project's train.py (no model config "
                         "inside): give <run>/checkpoints/last.ckpt or <run>/model.pt")
-    state = {key[len("net."):]: value for key, value in blob["state_dict"].items() if key.startswith("net.")}
-    data = {key: value for key, value in (config.get("data") or {}).items() if key in DATA_FROM_RUN}
+    state = {key[len("net."):]: value for key, value in blob["state_dict"].items()
+             if isinstance(key, str) and key.startswith("net.")}
+    recorded = config.get("data") if isinstance(config.get("data"), dict) else {}
+    data = {key: value for key, value in recorded.items() if key in DATA_FROM_RUN}
+    datamodule_state = blob.get("Cifar10DataModule")
+    if isinstance(datamodule_state, dict) and isinstance(datamodule_state.get("source_id"), str):
+        data["source_id"] = datamodule_state["source_id"]
     normalize = data.get("normalize", "page")
-    history = ((blob.get("callbacks") or {}).get("TrainTimer") or {}).get("history") or []
-    trained = {"epochs": int(blob.get("epoch", -1)) + 1, "seed": run_config.get("seed"),
-               "tricks": run_config.get("tricks", []), "data": run_config.get("data_source"),
-               "test_acc": history[-1]["test_acc"] if history else None}
-    return {"model": config["model"], "state_dict": state, "mean": None if normalize == "computed" else PAGE_MEAN,
-            "std": None if normalize == "computed" else PAGE_STD, "tta": hparams.get("tta") or {},
-            "trained": trained, "data": data, "precision": (config.get("trainer") or {}).get("precision")}
+    callbacks = blob.get("callbacks") if isinstance(blob.get("callbacks"), dict) else {}
+    timer = callbacks.get("TrainTimer") if isinstance(callbacks.get("TrainTimer"), dict) else {}
+    history = timer.get("history") if isinstance(timer.get("history"), list) else []
+    last = history[-1] if history and isinstance(history[-1], dict) else {}
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    trained = {"epochs": int(blob["epoch"]) + 1 if isinstance(blob.get("epoch"), int) else None,
+               "seed": run_config.get("seed"), "tricks": run_config.get("tricks", []),
+               "data": run_config.get("data_source"), "test_acc": last.get("test_acc")}
+    record = {"model": config["model"], "state_dict": state, "mean": None if normalize == "computed" else PAGE_MEAN,
+              "std": None if normalize == "computed" else PAGE_STD, "tta": hparams.get("tta") or {},
+              "trained": trained, "data": data, "precision": trainer.get("precision")}
+    check_record(record, path)
+    return record
 
 
 def _given_on_command_line() -> set[str]:
@@ -104,14 +119,18 @@ def data_settings(cfg: DictConfig, recorded: dict[str, Any], given: set[str]) ->
 
 
 def _device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N (one line for anything else: eval.py runs on a CPU or a CUDA device)."""
+    import re as _re
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if not _re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"device={name!r} is not a device here: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but this machine has no CUDA device: use device=cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -147,20 +166,24 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     tta = dict(trained["tta"])
     tta.update({key: value for key, value in OmegaConf.to_container(cfg.tta).items() if value is not None})
     device = _device(str(cfg.device))
-    net = build_model(trained["model"], path)
+    net = build_model(trained["model"], path, trained["state_dict"])
     load_weights(net, trained["state_dict"], path)
     net = net.to(device).eval()
 
     data_cfg = data_settings(cfg, trained["data"], _given_on_command_line() if given is None else given)
     if data_cfg["source"] == "image_folder" and not data_cfg["path"]:
         raise UserError("the run used data.source=image_folder without a recorded data.path: give data.path=<archive>")
-    data = load_cifar10_uint8(str(data_cfg["source"]), data_cfg["root"], data_cfg["path"], str(cfg.data.cache_dir))
+    data = load_cifar10_uint8(str(data_cfg["source"]), cfg.data.root, data_cfg["path"], str(cfg.data.cache_dir))
+    recorded_id = trained["data"].get("source_id")
+    if recorded_id and recorded_id != data.source_id:
+        print(f"[eval] note: this is not the data the run was evaluated on (the run's {recorded_id}, now "
+              f"{data.source_id}): the accuracy is on other data", flush=True)
     mean, std = trained["mean"], trained["std"]
     if mean is None:  # the run standardized with its train set's own statistics: the same data's
         mean, std = channel_stats(data.train_x)
     test_x, test_y = data.test_x, data.test_y
     if data_cfg["test_subset"]:
-        index = select_subset(test_y, int(data_cfg["test_subset"]), "per_class", int(cfg.seed))
+        index = select_subset(test_y, int(data_cfg["test_subset"]), "per_class", int(cfg.seed), "data.test_subset")
         test_x, test_y = test_x[index], test_y[index]
     # The test batches as the run's data module made them (standardized, fp16 on CUDA with
     # half_precision, channels_last), under the run's precision: the same numbers come out.
@@ -200,7 +223,8 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(config_lib.CONF_DIR), config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        evaluate(cfg)
+        with run_lock.held({str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}):
+            evaluate(cfg)
     except Exception as error:
         user_error = find_user_error(error)
         if full_error() or user_error is None:
@@ -241,6 +265,9 @@ def main() -> None:
     tracking.quiet_console()
     try:
         args = eval_arguments(sys.argv[1:])
+        given = [arg.split("=", 1)[1].strip() for arg in args if arg.split("=", 1)[0] == "ckpt_path"]
+        if not any(arg.startswith("-") for arg in args) and (not given or given[-1] in ("", "null", "???")):
+            raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
         config_lib.check_arguments(args)
         config_lib.check_group_overrides(args)
         sys.argv[1:] = run_lock.pin_run_folder(args, config_lib.check_composition(args, "eval"))

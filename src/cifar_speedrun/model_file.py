@@ -27,8 +27,9 @@ from cifar_speedrun.errors import UserError
 FORMAT = "cifar_speedrun.model/1"
 # The data settings a run records (model.pt's "data", a checkpoint's config), which eval.py takes
 # from it unless the command line gives them: what the run was evaluated on, and in which layout
-# (fp16 test images on CUDA, channels_last) its numbers came out.
-DATA_FROM_RUN = ("source", "root", "path", "test_subset", "normalize", "half_precision", "channels_last")
+# (fp16 test images on CUDA, channels_last) its numbers came out. Not `root`: torchvision's download
+# folder is the evaluator's own (data.root), never a folder a file names.
+DATA_FROM_RUN = ("source", "path", "test_subset", "normalize", "half_precision", "channels_last")
 
 
 def save_model_file(path: str, net: nn.Module, model_config: dict[str, Any], mean: Sequence[float],
@@ -133,37 +134,70 @@ class Classifier(nn.Module):
         return torch.from_numpy(np.stack(arrays))
 
 
-# Argument values a model file may hold: plain data only (no tensors, no objects, no callables).
+# Argument values a model file may hold: plain data only (no tensors, no objects, no callables),
+# within sizes a real config never reaches (DavidNet's and AirbenchNet's hold ~30 values, 2 deep).
 _PLAIN = (type(None), bool, int, float, str)
+MAX_SETTINGS = 200
+MAX_DEPTH = 4
+MAX_TEXT = 200
+# The largest network a file may describe: 20x DavidNet at width 1 (6.57M parameters), more than
+# DavidNet at width 4 (105M); a file's own weights must fit it exactly anyway.
+MAX_PARAMETERS = 20 * 6_573_120
+# What train.py records, so a file holding anything else is refused before use.
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 
 
-def _plain_data(value: Any, where: str, source: str) -> Any:
-    """`value` if it is plain data (None, bool, int, float, str, and lists / string-keyed dicts of them)
-    with no Hydra key (`_target_`, `_args_`, `_partial_`, ...) anywhere inside; else one UserError."""
+class _Budget:
+    def __init__(self, source: str) -> None:
+        self.source, self.left = source, MAX_SETTINGS
+
+    def spend(self, where: str) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise UserError(f"{self.source}: its model config holds more than {MAX_SETTINGS} values (at {where}), "
+                            "which no model family takes: refusing to build it")
+
+
+def _plain_data(value: Any, where: str, source: str, budget: _Budget | None = None, depth: int = 0) -> Any:
+    """`value` if it is plain data (None, bool, int, float, short text, and lists / text-keyed dicts of them)
+    with no Hydra key (`_target_`, `_args_`, `_partial_`, ...) anywhere inside, within the size limits;
+    else one UserError."""
+    budget = budget or _Budget(source)
+    budget.spend(where)
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise UserError(f"{source}: model setting {where} is {len(value):,} characters of text: refusing to build it")
     if isinstance(value, _PLAIN):
         return value
+    if depth >= MAX_DEPTH:
+        raise UserError(f"{source}: model setting {where} is nested deeper than {MAX_DEPTH}: refusing to build it")
     if isinstance(value, (list, tuple)):
-        return [_plain_data(item, f"{where}[{index}]", source) for index, item in enumerate(value)]
+        return [_plain_data(item, f"{where}[{index}]", source, budget, depth + 1) for index, item in enumerate(value)]
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str) or key.startswith("_"):
                 raise UserError(f"{source}: model setting {where}.{key} is not a plain setting (a Hydra key such as "
                                 "_target_ or _partial_, or a non-text key): refusing to build it")
-            out[key] = _plain_data(item, f"{where}.{key}", source)
+            out[key] = _plain_data(item, f"{where}.{key}", source, budget, depth + 1)
         return out
     raise UserError(f"{source}: model setting {where} holds a {type(value).__name__}, not plain data: refusing to "
                     "build it")
 
 
-def build_model(config: Any, source: str) -> nn.Module:
+def _shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state_dict.items()}
+
+
+def build_model(config: Any, source: str, state_dict: dict[str, Any] | None = None) -> nn.Module:
     """The network a file describes, built only from the project's model families and plain settings.
 
     `config` is a model config read from a file someone handed over (model.pt's, or the config a
     checkpoint stores). Its `_target_` must name one of `model.MODEL_FAMILIES` exactly; every other
     key must be a keyword of that class and hold plain data. The class is called directly: no
-    Hydra `instantiate`, no import of any path the file names, no interpolation. Anything else is
-    refused in one line naming `source`.
+    Hydra `instantiate`, no import of any path the file names, no interpolation. It is first built
+    on PyTorch's meta device (no memory), where its size is checked against `MAX_PARAMETERS` and,
+    given `state_dict`, its every tensor's shape against the file's own weights: a file cannot make
+    this allocate more than the weights it carries. Anything else is refused in one line naming `source`.
     """
     from cifar_speedrun.model import MODEL_FAMILIES
 
@@ -180,14 +214,44 @@ def build_model(config: Any, source: str) -> nn.Module:
 
     accepted = {name for name in inspect.signature(family).parameters if not name.startswith("_")}
     settings = {}
+    budget = _Budget(source)
     for key, value in config.items():
         if key == "_target_":
             continue
         if not isinstance(key, str) or key not in accepted:
             raise UserError(f"{source}: {str(key)[:40]!r} is not a setting of {family.__name__} (it takes "
                             f"{', '.join(sorted(accepted))}): refusing to build it")
-        settings[key] = _plain_data(value, f"model.{key}", source)
+        settings[key] = _plain_data(value, f"model.{key}", source, budget, 1)
+    try:
+        with torch.device("meta"):
+            probe = family(**settings)
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError, KeyError, AttributeError) as error:
+        raise UserError(f"{source}: its model settings do not build a {family.__name__} ({type(error).__name__}: "
+                        f"{str(error)[:120]}): the file was edited or is not from train.py") from None
+    size = sum(t.numel() for t in probe.state_dict().values())
+    if size > MAX_PARAMETERS:
+        raise UserError(f"{source} describes a {family.__name__} of {size:,} values, more than {MAX_PARAMETERS:,}: "
+                        "refusing to build it")
+    if state_dict is not None:
+        _check_fits(_shapes(probe.state_dict()), state_dict, source)
     return family(**settings)
+
+
+def _check_fits(expected: dict[str, tuple[int, ...]], state_dict: Any, source: str) -> None:
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{source} holds no weights (a state_dict of tensors): give a model.pt or last.ckpt written "
+                        "by train.py")
+    found = _shapes(state_dict)
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(key for key in set(expected) & set(found) if expected[key] != found[key])
+        detail = (f"size mismatch for {wrong[0]}: {found[wrong[0]]} in the file, {expected[wrong[0]]} in the model"
+                  if wrong else f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}")
+        raise UserError(f"{source}: its weights do not fit the model its stored config describes ({detail}): the "
+                        "file was edited or mixed from two runs; use the run's own model.pt or last.ckpt")
 
 
 def load_weights(net: nn.Module, state_dict: Any, source: str) -> None:
@@ -197,19 +261,56 @@ def load_weights(net: nn.Module, state_dict: Any, source: str) -> None:
     error; a file whose stored config and weights disagree (edited, or mixed from two runs) would
     fail deep inside PyTorch with a wall of size mismatches.
     """
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise UserError(f"{source} holds no weights (a state_dict of tensors): give a model.pt or last.ckpt written "
-                        "by train.py")
+    _check_fits(_shapes(net.state_dict()), state_dict, source)
     for key, value in state_dict.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise UserError(f"{source}: the weights are not finite (NaN or inf in {key}): the run diverged; evaluate "
                             "an earlier checkpoint, or retrain with a lower optim.lr")
-    try:
-        net.load_state_dict(state_dict)
-    except RuntimeError as error:
-        detail = " ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
-        raise UserError(f"{source}: its weights do not fit the model its stored config describes ({detail[:200]}): "
-                        "the file was edited or mixed from two runs; use the run's own model.pt or last.ckpt") from None
+    net.load_state_dict(state_dict)
+
+
+def _fail_field(source: str, field: str, value: Any, what: str) -> UserError:
+    return UserError(f"{source}: its {field} is {str(value)[:60]!r}, not {what}: the file was edited or is not "
+                     "from train.py")
+
+
+def check_record(record: dict[str, Any], source: str) -> None:
+    """The fields besides the model that eval.py and load_model use, checked as data before use:
+    mean/std (3 finite numbers, std > 0), classes, TTA, data settings, precision."""
+    import math
+
+    data = record.get("data") or {}
+    for name in ("mean", "std"):
+        value = record.get(name)
+        if value is None and isinstance(data, dict) and data.get("normalize") == "computed":
+            continue  # the run's own train-set statistics, computed again from the same data
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                or (name == "std" and not all(v > 0 for v in value))):
+            raise _fail_field(source, name, value, "3 finite numbers" + (" > 0" if name == "std" else ""))
+    classes = record.get("classes", ["-"] * 10)
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        raise _fail_field(source, "classes", classes, "a list of class names")
+    tta = record.get("tta") or {}
+    if not isinstance(tta, dict) or not set(tta) <= {"flip", "translate", "reduce"}:
+        raise _fail_field(source, "tta", tta, "settings flip / translate / reduce")
+    for name in ("flip", "translate"):
+        if tta.get(name) is not None and not isinstance(tta[name], bool):
+            raise _fail_field(source, f"tta.{name}", tta[name], "true or false")
+    if tta.get("reduce") not in (None, "logits", "log_softmax"):
+        raise _fail_field(source, "tta.reduce", tta["reduce"], "logits or log_softmax")
+    if not isinstance(data, dict):
+        raise _fail_field(source, "data", data, "data settings")
+    checks = {"source": lambda v: v in ("torchvision", "image_folder"),
+              "root": lambda v: v is None or isinstance(v, str), "path": lambda v: v is None or isinstance(v, str),
+              "test_subset": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+              "normalize": lambda v: v in ("page", "computed"), "half_precision": lambda v: isinstance(v, bool),
+              "channels_last": lambda v: isinstance(v, bool), "source_id": lambda v: isinstance(v, str)}
+    for key, value in data.items():
+        if key not in checks or not checks[key](value):
+            raise _fail_field(source, f"data.{key}", value, "a data setting train.py records")
+    if record.get("precision") is not None and record["precision"] not in PRECISIONS:
+        raise _fail_field(source, "precision", record["precision"], f"one of {', '.join(PRECISIONS)}")
 
 
 def is_model_file(blob: Any) -> bool:
@@ -227,7 +328,8 @@ def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
                         "model.pt written at the end of a run") from None
     if not is_model_file(blob):
         raise UserError(f"{path} is not a cifar_speedrun model file: give the model.pt written at the end of a run")
-    net = build_model(blob["model_config"], path)
+    check_record(blob, path)
+    net = build_model(blob.get("model_config"), path, blob.get("state_dict"))
     load_weights(net, blob["state_dict"], path)
     classifier = Classifier(net, blob["mean"], blob["std"], blob["classes"], blob.get("tta"), blob.get("about"))
     return classifier.to(device)

@@ -1,20 +1,27 @@
-"""One run per folder: an exclusive lock on `<run dir>/.run.lock`, held while the process lives.
+"""One run per folder: an exclusive lock on `<folder>/.run.lock`, held while the process lives.
 
 Two `train.py` processes writing into one folder overwrite each other's results.json and `.hydra/`,
 mix a checkpoint of one with the config of the other and truncate metrics.csv. So before Hydra
-writes anything, the run's folder (a multirun's sweep folder) is locked with `flock`: the kernel
-releases the lock when the process ends in any way, SIGKILL included, so a killed run never leaves
-a folder stuck. A second run into a folder in use is refused in one line naming the holder.
+writes anything, the run's folder is locked with `flock` (a multirun: its sweep folder and every
+job's folder): the kernel releases the lock when the process ends in any way, SIGKILL included, so a
+killed run never leaves a folder stuck. A second run into a folder in use is refused in one line
+naming the holder, before anything is written. `train()` and `evaluate()` also hold the folders they
+write into (the output folder and a local checkpoint folder), so `paths.output_dir=` or
+`paths.checkpoint_dir=` pointing into a running run's folder is refused too.
 
 A folder the user did not choose (the default `logs/<task>/runs/<time>`) is never shared: when two
 runs start in the same second, or the folder already holds a run, the later one takes the next free
 name (`<time>_1`, `<time>_2`, ...) instead of being refused.
 
-Where locks do not reach: only local folders are locked (Hydra's run folder is always local). A
-`paths.checkpoint_dir` on a remote filesystem (gs://, s3://) is not locked, so two runs given the
-same remote checkpoint folder still overwrite each other's `last.ckpt`. On NFS, `flock` works between
-clients of Linux >= 2.6.12 (it is emulated with byte-range locks); a filesystem without locks (some
-FUSE mounts) is run unlocked with one warning.
+Processes a run starts itself (Lightning's DDP workers, submitit's jobs) write into the folders their
+parent locked: the parent names them in the environment variable `CIFAR_SPEEDRUN_HELD_FOLDERS`, and
+only those folders are taken as held.
+
+Where locks do not reach: remote folders (gs://, s3://; `paths.checkpoint_dir` may be one) are not
+locked, so two runs given the same remote checkpoint folder still overwrite each other's
+`last.ckpt`. A multirun with its own `hydra.sweep.subdir` has its sweep folder locked, not each job's
+until the job starts. On NFS, `flock` works between clients of Linux >= 2.6.12 (it is emulated with
+byte-range locks); a filesystem without locks (some FUSE mounts) is run unlocked with one warning.
 """
 
 from __future__ import annotations
@@ -25,15 +32,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.storage import HOST, os_error_reason
 
-
-def _reason(error: OSError, folder: str) -> str:
-    return os_error_reason(error, folder) or error.strerror or str(error)
-
 LOCK_NAME = ".run.lock"
+# Folders locked by the process that started this one (its DDP workers, its submitit jobs).
+HELD_BY_PARENT = "CIFAR_SPEEDRUN_HELD_FOLDERS"
 # A folder that holds either of these already holds a run.
 _RUN_MARKERS = (".hydra", "results.json")
 # How many `<time>_N` names to try for a default folder before giving up (two runs a second is normal
@@ -43,12 +49,27 @@ MAX_SUFFIX = 100
 _held: dict[str, tuple[int, int]] = {}  # real path -> (file descriptor, how many holders in this process)
 
 
-def is_secondary_process() -> bool:
-    """A DDP worker that Lightning started for local rank > 0: it writes into its parent's folder."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
-    except ValueError:
-        return False
+class FolderInUse(UserError):
+    """Another run holds the folder: nothing may be written there, not even a failure record."""
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    """Where a command will write, as config.check_composition works it out before Hydra starts."""
+
+    folder: str            # the run's folder, or a multirun's sweep folder (`${now:...}` resolved)
+    chosen: bool           # the user named it (hydra.run.dir= / hydra.sweep.dir=, a resume)
+    multirun: bool
+    jobs: int = 1          # a multirun's job count
+    numbered_jobs: bool = True  # its jobs go to <sweep>/<job number> (the default hydra.sweep.subdir)
+
+
+def _reason(error: OSError, folder: str) -> str:
+    return os_error_reason(error, folder) or error.strerror or str(error)
+
+
+def _held_by_parent() -> set[str]:
+    return {path for path in os.environ.get(HELD_BY_PARENT, "").split(os.pathsep) if path}
 
 
 def _holder(descriptor: int) -> str:
@@ -59,21 +80,51 @@ def _holder(descriptor: int) -> str:
     return text or "another process"
 
 
-def try_lock(folder: str, setting: str) -> bool:
-    """Lock `folder` for this process (re-entrant). False when another process holds it.
+def _held_elsewhere(real: str) -> str | None:
+    """The nearest folder above `real` that another process holds (its lock covers its subtree), or None."""
+    mine = set(_held) | _held_by_parent()
+    parent = os.path.dirname(real)
+    while parent and parent != os.path.dirname(parent):
+        lock_file = os.path.join(parent, LOCK_NAME)
+        if parent not in mine and os.path.exists(lock_file):
+            try:
+                descriptor = os.open(lock_file, os.O_RDONLY)
+            except OSError:
+                descriptor = -1
+            if descriptor >= 0:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while someone holds it
+                except BlockingIOError:
+                    return parent
+                except OSError:
+                    pass
+                finally:
+                    os.close(descriptor)  # our shared probe goes with it
+        parent = os.path.dirname(parent)
+    return None
+
+
+def try_lock(folder: str, setting: str) -> str | None:
+    """Lock `folder` for this process (re-entrant). Returns None when locked, or the folder another
+    process holds: `folder` itself, or a folder above it (a run's lock covers its subfolders).
 
     Creates the folder. A folder that cannot be made or written is one UserError naming `setting`.
     """
     try:
-        os.makedirs(folder, exist_ok=True)
         real = os.path.realpath(folder)
     except OSError as error:
         raise UserError(f"cannot use {setting}={folder}: {_reason(error, folder)}; choose another folder") from None
     if real in _held:
         descriptor, count = _held[real]
         _held[real] = (descriptor, count + 1)
-        return True
+        return None
+    if real in _held_by_parent():
+        return None
+    above = _held_elsewhere(real)  # before anything is made inside a folder in use
+    if above is not None:
+        return above
     try:
+        os.makedirs(real, exist_ok=True)
         descriptor = os.open(os.path.join(real, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
         raise UserError(f"cannot use {setting}={folder}: {_reason(error, folder)}; choose another folder") from None
@@ -81,7 +132,7 @@ def try_lock(folder: str, setting: str) -> bool:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        return False
+        return folder
     except OSError as error:  # ENOLCK / EOPNOTSUPP: a filesystem without locks
         print(f"warning: {folder} cannot be locked ({error.strerror or error}); a second run into it would not be "
               "noticed", file=sys.stderr, flush=True)
@@ -92,7 +143,7 @@ def try_lock(folder: str, setting: str) -> bool:
     except OSError:
         pass  # who holds it is for the message only
     _held[real] = (descriptor, 1)
-    return True
+    return None
 
 
 def holder_of(folder: str) -> str:
@@ -107,6 +158,14 @@ def holder_of(folder: str) -> str:
         os.close(descriptor)
 
 
+def in_use(folder: str, setting: str, holder: str | None = None) -> FolderInUse:
+    """The refusal for `folder`, naming the folder another run holds (`holder`: it, or one above it)."""
+    held = holder or folder
+    inside = "" if os.path.realpath(held) == os.path.realpath(folder) else f" (inside {held})"
+    return FolderInUse(f"{folder}{inside} is in use by another run ({holder_of(held)}): wait for it to finish, or "
+                       f"choose another {setting}")
+
+
 def holds_a_run(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, marker)) for marker in _RUN_MARKERS)
 
@@ -117,17 +176,15 @@ def lock_run_folder(folder: str, chosen: bool, setting: str = "hydra.run.dir") -
     `chosen`: the user named the folder (hydra.run.dir=..., a resume): then a folder in use is
     refused, and a finished run's folder is reused as asked.
     """
-    if is_secondary_process():
-        return folder
     if chosen:
-        if not try_lock(folder, setting):
-            raise UserError(f"{folder} is in use by another run ({holder_of(folder)}): wait for it to finish, or "
-                            f"choose another {setting}")
+        blocker = try_lock(folder, setting)
+        if blocker is not None:
+            raise in_use(folder, setting, blocker)
         return folder
     for suffix in range(MAX_SUFFIX):
         candidate = folder if suffix == 0 else f"{folder}_{suffix}"
         fresh = not os.path.exists(candidate) or not holds_a_run(candidate)
-        if fresh and try_lock(candidate, setting):
+        if fresh and try_lock(candidate, setting) is None:
             if holds_a_run(candidate):  # a run finished in between: leave it alone
                 release(candidate)
                 continue
@@ -148,32 +205,55 @@ def release(folder: str) -> None:
     os.close(descriptor)  # closing the descriptor releases the flock
 
 
+def _is_local(folder: str) -> bool:
+    return "://" not in str(folder) or str(folder).startswith("file://")
+
+
 @contextmanager
-def held(folder: str, setting: str) -> Iterator[None]:
-    """Hold the lock of `folder` for a block (re-entrant: a folder this process holds already is fine)."""
-    if is_secondary_process():
-        yield
-        return
-    if not try_lock(folder, setting):
-        raise UserError(f"{folder} is in use by another run ({holder_of(folder)}): wait for it to finish, or "
-                        f"choose another {setting}")
+def held(folders: dict[str, str]) -> Iterator[None]:
+    """Hold the locks of `folders` (folder -> the setting that chose it) for a block; remote ones are
+    skipped. Re-entrant: a folder this process (or its launcher) holds already is fine."""
+    taken: list[str] = []
     try:
+        for folder, setting in folders.items():
+            if not folder or not _is_local(folder):
+                continue
+            path = folder[len("file://"):] if folder.startswith("file://") else folder
+            blocker = try_lock(path, setting)
+            if blocker is not None:
+                raise in_use(path, setting, blocker)
+            taken.append(path)
         yield
     finally:
-        release(folder)
+        for path in taken:
+            release(path)
 
 
-def pin_run_folder(args: list[str], checked: tuple[str, bool, bool] | None) -> list[str]:
-    """Lock the run's folder (a multirun's sweep folder) before Hydra writes into it, and pin it.
+def _export(folders: list[str]) -> None:
+    """Name the folders this process holds for the processes it starts (DDP workers, submitit jobs)."""
+    known = _held_by_parent() | {os.path.realpath(folder) for folder in folders}
+    os.environ[HELD_BY_PARENT] = os.pathsep.join(sorted(known))
 
-    `checked` is config.check_composition's answer: (folder, chosen by the user, multirun), or None
-    when Hydra only prints something. The folder is resolved once (its `${now:...}` included) and
-    handed to Hydra as an override, so the folder locked is the folder written; a default folder
-    already in use moves to `<time>_N`.
+
+def pin_run_folder(args: list[str], where: RunFolders | None) -> list[str]:
+    """Lock where a command will write before Hydra writes anything there, and pin the folder.
+
+    `where` is config.check_composition's answer (None when Hydra only prints something). The folder
+    is resolved once (its `${now:...}` included) and handed to Hydra as an override, so the folder
+    locked is the folder written; a default folder already in use moves to `<time>_N`. A multirun
+    also locks each job's folder (`<sweep>/<n>`), so a job never writes into a running run's folder.
     """
-    if checked is None:
+    if where is None:
         return args
-    folder, chosen, multirun = checked
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    locked = lock_run_folder(folder, chosen, key)
+    key = "hydra.sweep.dir" if where.multirun else "hydra.run.dir"
+    locked = lock_run_folder(where.folder, where.chosen, key)
+    folders = [locked]
+    if where.multirun and where.numbered_jobs:
+        for number in range(where.jobs):
+            job = os.path.join(locked, str(number))
+            blocker = try_lock(job, f"{key} (its job {number})")
+            if blocker is not None:
+                raise in_use(job, key, blocker)
+            folders.append(job)
+    _export(folders)
     return [arg for arg in args if arg.lstrip("+").split("=", 1)[0] != key] + [f"{key}={locked}"]

@@ -103,11 +103,21 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit, holding the run folder's lock. Returns the results dict (also in results.json)."""
     config_lib.validate(cfg)
-    output_dir = str(cfg.paths.output_dir)
-    if not storage.is_local(output_dir):
+    checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
+    writes_to = {str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}
+    if checkpointing is not None and checkpointing.get("dirpath") and not _inside(str(checkpointing.dirpath),
+                                                                                  str(cfg.paths.output_dir)):
+        writes_to[str(checkpointing.dirpath)] = "paths.checkpoint_dir"
+    with run_lock.held(writes_to):  # a job of a multirun, train() called from Python, a shared checkpoint folder
         return _fit(cfg)
-    with run_lock.held(output_dir, "hydra.run.dir"):  # a multirun's job, or train() called from Python
-        return _fit(cfg)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or below it (its lock covers it)."""
+    if not (storage.is_local(path) and storage.is_local(folder)):
+        return False
+    real_path, real_folder = os.path.realpath(path), os.path.realpath(folder)
+    return real_path == real_folder or real_path.startswith(real_folder.rstrip(os.sep) + os.sep)
 
 
 def _fit(cfg: DictConfig) -> dict[str, Any]:
@@ -271,7 +281,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
               flush=True)
         raise SystemExit(interrupt.exit_code) from None
     except Exception as error:
-        _record_failure(cfg, error)
+        if not isinstance(find_user_error(error), run_lock.FolderInUse):  # nothing may be written there
+            _record_failure(cfg, error)
         if full_error():
             raise
         user_error = find_user_error(error)
