@@ -222,7 +222,7 @@ def test_model_file_refuses_a_foreign_class(tmp_path: Path) -> None:
     from cifar_speedrun.model_file import FORMAT, load_model
 
     torch.save({"format": FORMAT, "model_config": {"_target_": "os.system", "command": "echo owned"},
-                "state_dict": {}, "mean": [0, 0, 0], "std": [1, 1, 1], "classes": []}, tmp_path / "evil.pt")
+                "state_dict": {}, "mean": [0, 0, 0], "std": [1, 1, 1], "classes": ["a", "b"]}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="not one of this project's model families"):
         load_model(str(tmp_path / "evil.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a model")

@@ -2,8 +2,8 @@
 
 Two `train.py` processes writing into one folder overwrite each other's results.json and `.hydra/`,
 mix a checkpoint of one with the config of the other and truncate metrics.csv. So before Hydra
-writes anything, the run's folder is locked with `flock` (a multirun: its sweep folder and every
-job's folder): the kernel releases the lock when the process ends in any way, SIGKILL included, so a
+writes anything, the run's folder is locked with `flock` (a multirun: its sweep folder, which covers
+its jobs' folders): the kernel releases the lock when the process ends in any way, SIGKILL included, so a
 killed run never leaves a folder stuck. A second run into a folder in use is refused in one line
 naming the holder, before anything is written. `train()` and `evaluate()` also hold the folders they
 write into (the output folder and a local checkpoint folder), so `paths.output_dir=` or
@@ -69,6 +69,8 @@ def _reason(error: OSError, folder: str) -> str:
 
 
 def _held_by_parent() -> set[str]:
+    """Folders the process that started this one holds (named in the environment; this process's own
+    exported ones too)."""
     return {path for path in os.environ.get(HELD_BY_PARENT, "").split(os.pathsep) if path}
 
 
@@ -80,26 +82,33 @@ def _holder(descriptor: int) -> str:
     return text or "another process"
 
 
+def _in_use_by_another(folder: str) -> bool:
+    """Whether another process holds `folder`'s lock (probed with a shared lock, nothing created)."""
+    lock_file = os.path.join(folder, LOCK_NAME)
+    if folder in _held or not os.path.exists(lock_file):
+        return False
+    try:
+        descriptor = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while someone holds it
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)  # our shared probe goes with it
+    return False
+
+
 def _held_elsewhere(real: str) -> str | None:
     """The nearest folder above `real` that another process holds (its lock covers its subtree), or None."""
-    mine = set(_held) | _held_by_parent()
+    mine = _held_by_parent()
     parent = os.path.dirname(real)
     while parent and parent != os.path.dirname(parent):
-        lock_file = os.path.join(parent, LOCK_NAME)
-        if parent not in mine and os.path.exists(lock_file):
-            try:
-                descriptor = os.open(lock_file, os.O_RDONLY)
-            except OSError:
-                descriptor = -1
-            if descriptor >= 0:
-                try:
-                    fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while someone holds it
-                except BlockingIOError:
-                    return parent
-                except OSError:
-                    pass
-                finally:
-                    os.close(descriptor)  # our shared probe goes with it
+        if parent not in mine and _in_use_by_another(parent):
+            return parent
         parent = os.path.dirname(parent)
     return None
 
@@ -212,8 +221,10 @@ def _is_local(folder: str) -> bool:
 @contextmanager
 def held(folders: dict[str, str]) -> Iterator[None]:
     """Hold the locks of `folders` (folder -> the setting that chose it) for a block; remote ones are
-    skipped. Re-entrant: a folder this process (or its launcher) holds already is fine."""
+    skipped. Re-entrant: a folder this process (or its launcher) holds already is fine. Processes
+    started inside the block (DDP workers) are told these folders are their parent's."""
     taken: list[str] = []
+    exported = os.environ.get(HELD_BY_PARENT)
     try:
         for folder, setting in folders.items():
             if not folder or not _is_local(folder):
@@ -223,10 +234,15 @@ def held(folders: dict[str, str]) -> Iterator[None]:
             if blocker is not None:
                 raise in_use(path, setting, blocker)
             taken.append(path)
+        _export(taken)
         yield
     finally:
         for path in taken:
             release(path)
+        if exported is None:
+            os.environ.pop(HELD_BY_PARENT, None)
+        else:
+            os.environ[HELD_BY_PARENT] = exported
 
 
 def _export(folders: list[str]) -> None:
@@ -247,13 +263,11 @@ def pin_run_folder(args: list[str], where: RunFolders | None) -> list[str]:
         return args
     key = "hydra.sweep.dir" if where.multirun else "hydra.run.dir"
     locked = lock_run_folder(where.folder, where.chosen, key)
-    folders = [locked]
-    if where.multirun and where.numbered_jobs:
+    if where.multirun and where.numbered_jobs:  # the sweep's lock covers its jobs from now on; one held before?
         for number in range(where.jobs):
             job = os.path.join(locked, str(number))
-            blocker = try_lock(job, f"{key} (its job {number})")
-            if blocker is not None:
-                raise in_use(job, key, blocker)
-            folders.append(job)
-    _export(folders)
+            if _in_use_by_another(os.path.realpath(job)):
+                release(locked)
+                raise in_use(job, key)
+    _export([locked])
     return [arg for arg in args if arg.lstrip("+").split("=", 1)[0] != key] + [f"{key}={locked}"]
