@@ -136,19 +136,23 @@ class StepClock(Callback):
     At each training step's start it reads the host clock and records a CUDA event, without a
     synchronize; the events are read at each epoch's end, after the device has finished (the
     TrainTimer synchronizes there). Per step, host ms is the host's time from one step's start to
-    the next, device ms the device's. When the host enqueues work faster than the device runs it,
-    host ms < device ms (device-bound, as a speedrun should be); when host ms ~ device ms the device
-    may be waiting for the host. The first epoch (cuDNN autotune, allocator growth) is left out.
+    the next, device ms the device's; each epoch's last step is left out (its interval holds the
+    epoch's end and evaluation), and so are the first `skip_epochs` epochs (cuDNN autotune,
+    allocator growth). When the host enqueues work faster than the device runs it, host ms < device
+    ms (device-bound, as a speedrun should be); when host ms ~ device ms the device may be waiting.
 
     `profile_steps` > 0 also runs torch.profiler (device activity only) over that many steps of the
     second epoch and sums the device's kernel and copy time per step: `busy_fraction` = kernel time
     / wall time, well below 1 when the device waits for the host. Profiling slows the host a little,
-    so use it in a run that is not reported.
+    so use it in a run that is not reported. `keep_all` keeps every step's host ms in the summary.
     """
 
-    def __init__(self, profile_steps: int = 0, profile_skip: int = 5) -> None:
+    def __init__(self, profile_steps: int = 0, profile_skip: int = 5, skip_epochs: int = 1,
+                 keep_all: bool = False) -> None:
         self.profile_steps = int(profile_steps)
         self.profile_skip = int(profile_skip)
+        self.skip_epochs = int(skip_epochs)
+        self.keep_all = bool(keep_all)
         self._host: list[float] = []
         self._events: list[Any] = []
         self.host_ms: list[float] = []
@@ -156,13 +160,6 @@ class StepClock(Callback):
         self.profile: dict[str, Any] | None = None
         self._profiler: Any = None
         self._profile_started: float | None = None
-
-    def _mark(self, pl_module: L.LightningModule) -> None:
-        self._host.append(time.perf_counter())
-        if pl_module.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._events.append(event)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._host, self._events = [], []
@@ -174,26 +171,27 @@ class StepClock(Callback):
                 self._start_profiler()
             elif batch_idx == self.profile_skip + self.profile_steps and self._profiler is not None:
                 self._stop_profiler()
-        self._mark(pl_module)
+        if trainer.current_epoch < self.skip_epochs:
+            return
+        self._host.append(time.perf_counter())
+        if pl_module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append(event)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit":  # the epoch's last step ends where its evaluation starts
-            self._close(trainer, pl_module)
+        if trainer.state.fn == "fit":
+            self._close()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close(trainer, pl_module)
+        self._close()
 
-    def _close(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._host:  # closed already (at the evaluation's start), or no step ran
-            return
+    def _close(self) -> None:
         if self._profiler is not None:  # the epoch was shorter than the window
             self._stop_profiler()
-        self._mark(pl_module)
         host, events, self._host, self._events = self._host, self._events, [], []
-        if trainer.current_epoch == 0:
-            return
         self.host_ms += [1000 * (b - a) for a, b in zip(host, host[1:], strict=False)]
-        if events:
+        if len(events) > 1:
             events[-1].synchronize()
             self.device_ms += [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
 
@@ -224,7 +222,7 @@ class StepClock(Callback):
             self.profile = {"error": f"{type(error).__name__}: {error}"}
 
     def summary(self) -> dict[str, Any]:
-        """Medians and means over the steps of every epoch after the first (a short run: nothing)."""
+        """Medians and means over the measured steps (a run too short to measure: none)."""
 
         def stats(values: list[float]) -> dict[str, float] | None:
             if not values:
@@ -232,8 +230,15 @@ class StepClock(Callback):
             ordered = sorted(values)
             return {"median": ordered[len(ordered) // 2], "mean": sum(values) / len(values)}
 
-        return {"steps": len(self.host_ms), "host_ms": stats(self.host_ms), "device_ms": stats(self.device_ms),
-                "profile": self.profile}
+        out = {"steps": len(self.host_ms), "host_ms": stats(self.host_ms), "device_ms": stats(self.device_ms),
+               "profile": self.profile}
+        if self.keep_all:
+            out["host_ms_all"] = list(self.host_ms)
+        return out
+
+    def results_entry(self) -> dict[str, Any]:
+        """What results.json records of this callback."""
+        return {"step_ms": self.summary()}
 
 
 class LearningRateLogger(Callback):
@@ -384,9 +389,10 @@ class ResultsWriter(Callback):
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": run_config.get("config"),
         }
-        clock = next((cb for cb in trainer.callbacks if isinstance(cb, StepClock)), None)
-        if clock is not None:
-            result["step_ms"] = clock.summary()
+        for callback in trainer.callbacks:  # measurement callbacks (StepClock, op_count.StepOps) add their numbers
+            entry = getattr(callback, "results_entry", None)
+            if callable(entry):
+                result.update(entry())
         if trainer.is_global_zero:
             storage.write_json_atomic(result, self.path)
         self.result = result
