@@ -18,5 +18,5 @@ timeout "${SPEEDRUN_TIMEOUT:-510}" python3 benchmarks/gpu_speedrun.py --seeds "$
     --runs-dir "$PWD/.gpu/runs" "${@:2}" 2>&1 | tee "$OUT_DIR/gpu_speedrun.log" \
     | grep -v -e "^💡 Tip" -e "available: " -e "LeafSpec" -e "Loading .train_dataloader" || true
 # The CUDA-only tests (skipped on CPU machines and in CI), in what time is left.
-timeout "${CUDA_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout "${CUDA_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
     | tee "$OUT_DIR/test_cuda.log" | tail -5 || true

@@ -20,7 +20,7 @@ project / recipe. `--proxy-steps N` also times N steps at the proxy width (0.125
 
     python benchmarks/step_cost.py [--experiments page_baseline page_final airbench94 airbench94_muon]
                                    [--width 0.03] [--batch 32] [--steps-per-epoch 30] [--epochs 5]
-                                   [--repeats 3] [--proxy-steps 0] [override ...]
+                                   [--repeats 3] [--proxy-steps 0] [--threads 1] [override ...]
 Targets (issue 18): project / recipe <= 1.15 host time and <= 1.25 ops, 0 syncs per step.
 """
 
@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_speedrun.callbacks import _lerp_all
 from cifar_speedrun.module import PiecewiseLinear, group_schedules, resolve_knots
 from cifar_speedrun.op_count import OpCounter
 from cifar_speedrun.train import train
@@ -77,32 +76,32 @@ def project(cfg: DictConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ plain loops
 class _Averaging:
-    """The recipe's weight averaging, inline: EMA (Page) or lookahead (airbench), as callbacks.EMA/Lookahead."""
+    """The recipe's weight averaging, inline: EMA (Page) or lookahead (airbench), as a hand-written loop
+    would do it (foreach kernels over the floating-point tensors, no host sync)."""
 
     def __init__(self, settings: dict[str, Any] | None, kind: str, net: torch.nn.Module, total_steps: int) -> None:
         self.settings, self.kind, self.total = settings or {}, kind, total_steps
-        self.tensors = [t for t in list(net.parameters()) + list(net.buffers())]
+        self.current = [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
         self.average: list[torch.Tensor] | None = None
         self.every = int(self.settings.get("every_n_steps", 5))
 
+    @torch.no_grad()
     def step(self, global_step: int, epoch: int) -> None:
         if not self.settings or global_step % self.every:
             return
         if self.kind == "lookahead" and epoch < int(self.settings.get("start_epochs", 3)):
             return
-        current = [t.detach() for t in self.tensors]
         if self.average is None:
-            self.average = [t.clone() for t in current]
+            self.average = [t.clone() for t in self.current]
             return
         if self.kind == "ema":
             decay = float(self.settings.get("momentum", 0.99)) ** self.every
         else:
             decay = (float(self.settings.get("decay_base", 0.95)) ** self.every
                      * (global_step / self.total) ** float(self.settings.get("decay_pow", 3.0)))
-        floats = [(a, c) for a, c in zip(self.average, current, strict=True) if a.is_floating_point()]
-        _lerp_all([a for a, _ in floats], [c for _, c in floats], 1.0 - decay)
+        torch._foreach_lerp_(self.average, self.current, 1.0 - decay)
         if self.kind == "lookahead":
-            torch._foreach_copy_([c for _, c in floats], [a for a, _ in floats])
+            torch._foreach_copy_(self.current, self.average)
 
 
 def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool, epochs: int,
@@ -112,6 +111,8 @@ def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool,
     batches = datamodule.train_dataloader()
     net = instantiate(cfg.model)
     net.load_state_dict(initial_state)
+    if cfg.get("channels_last"):
+        net = net.to(memory_format=torch.channels_last)
     for layer in net.modules():
         if callable(getattr(layer, "fit_to_data", None)):
             layer.fit_to_data(datamodule.train_images)
@@ -221,8 +222,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--proxy-steps", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: the host side is single-threaded Python and launches, as on a GPU; "
+                             "also steadier timings)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args, extra = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
     device = f"cpu x{torch.get_num_threads()}"
     print(f"step_cost: {device}, width {args.width}, batch {args.batch}, {args.steps_per_epoch} steps/epoch x "
           f"{args.epochs} epochs, {args.repeats} repeats; overrides: {' '.join(extra) or 'none'}", flush=True)

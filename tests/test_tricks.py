@@ -29,7 +29,7 @@ def build(cfg) -> SpeedrunModule:
     net = instantiate(cfg.model)
     return SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.data.batch_size),
                           float(cfg.loss.label_smoothing), OmegaConf.to_container(cfg.tta),
-                          compile=bool(cfg.compile), channels_last=bool(cfg.channels_last), epochs=cfg.epochs)
+                          compile=bool(cfg.compile.enabled), channels_last=bool(cfg.channels_last), epochs=cfg.epochs)
 
 
 def test_every_trick_has_a_config_file() -> None:

@@ -13,7 +13,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from cifar_speedrun import storage
 
@@ -417,18 +416,89 @@ class ResultsWriter(Callback):
 
 
 class _GuardedAveraging(WeightAveraging):
-    """Lightning's WeightAveraging, leaving the model alone until the average holds an update.
+    """Lightning's WeightAveraging with its update done here: no host sync, a few foreach kernels.
 
-    Lightning creates the averaged copy when fit starts (the initial weights), swaps it in for every
-    evaluation and copies it over the model at the end, even when no update has happened yet: a
-    short run, or an average that starts after some epochs (lookahead), would be evaluated and saved
-    with its initial weights.
+    Lightning's callback updates through torch's AveragedModel.update_parameters, which tests
+    `n_averaged == 0` on the device every update (a host sync on a GPU) and detaches every tensor
+    one by one. Here the number of updates is counted on the host (`updates`, kept in checkpoints),
+    the first update copies the weights and later ones apply `average_step` to the floating-point
+    tensors, all in `torch._foreach_*` calls under no_grad; `n_averaged` is advanced on the device
+    for torch's bookkeeping without being read.
+
+    It also leaves the model alone until the average holds an update: Lightning creates the
+    averaged copy when fit starts (the initial weights), swaps it in for every evaluation and copies
+    it over the model at the end, even when no update has happened yet: a short run, or an average
+    that starts after some epochs (lookahead), would be evaluated and saved with its initial weights.
     """
 
     _swapped = False
+    updates = 0
+    _pairs: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def average_step(self, averaged: list[torch.Tensor], current: list[torch.Tensor]) -> None:
+        """averaged <- f(averaged, current) for the floating-point tensors (the subclass's rule)."""
+        raise NotImplementedError
+
+    def _tensor_pairs(self, pl_module: L.LightningModule) -> tuple[list[torch.Tensor], ...]:
+        """(averaged floats, current floats, averaged others, current others), gathered once."""
+        if self._pairs is None:
+            assert self._average_model is not None
+            averaged = list(self._average_model.module.parameters())
+            current = list(pl_module.parameters())
+            if self._use_buffers:
+                averaged += list(self._average_model.module.buffers())
+                current += list(pl_module.buffers())
+            floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+            others = [i for i in range(len(averaged)) if i not in set(floats)]
+            self._pairs = ([averaged[i] for i in floats], [current[i] for i in floats],
+                           [averaged[i] for i in others], [current[i] for i in others])
+        return self._pairs
+
+    @torch.no_grad()
+    def update_average(self, pl_module: L.LightningModule) -> None:
+        averaged, current, averaged_other, current_other = self._tensor_pairs(pl_module)
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            self.average_step(averaged, current)
+        if averaged_other:
+            torch._foreach_copy_(averaged_other, current_other)  # integer buffers (BN's batch count) follow
+        assert self._average_model is not None
+        self._average_model.n_averaged.add_(1)
+        self.updates += 1
+
+    @torch.no_grad()
+    def _copy_average_to_current(self, pl_module: L.LightningModule) -> None:
+        averaged, current, averaged_other, current_other = self._tensor_pairs(pl_module)
+        torch._foreach_copy_(current, averaged)
+        if averaged_other:
+            torch._foreach_copy_(current_other, averaged_other)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._pairs = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step_idx = trainer.global_step - 1  # Lightning's convention: 0-based index of the step just taken
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self.update_average(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > self._latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
+            self.update_average(pl_module)
+            self._latest_update_epoch = trainer.current_epoch
 
     def _has_average(self) -> bool:
-        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+        return self._average_model is not None and self.updates > 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.updates = int(state_dict.get("updates", 0))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swapped = self._has_average()
@@ -461,15 +531,6 @@ class _GuardedAveraging(WeightAveraging):
                                          if not name.startswith("module.")}
 
 
-def _lerp_all(averaged: list[torch.Tensor], current: list[torch.Tensor], weight: float) -> None:
-    """averaged <- averaged + weight * (current - averaged); integer buffers (BN's batch count) are copied."""
-    if averaged and (torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0])):
-        torch._foreach_lerp_(averaged, current, weight)
-    else:
-        for target, source in zip(averaged, current, strict=True):
-            target.copy_(source)
-
-
 class EMA(_GuardedAveraging):
     """Exponential moving average of the weights, evaluated in place of the raw weights (Page part 8).
 
@@ -488,7 +549,10 @@ class EMA(_GuardedAveraging):
         self.momentum = float(momentum)
         self.every_n_steps = int(every_n_steps)
         self.decay = self.momentum**self.every_n_steps
-        super().__init__(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(self.decay))
+        super().__init__(use_buffers=use_buffers)
+
+    def average_step(self, averaged: list[torch.Tensor], current: list[torch.Tensor]) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.every_n_steps == 0
@@ -511,10 +575,10 @@ class Lookahead(_GuardedAveraging):
         self.every_n_steps, self.start_epochs = int(every_n_steps), int(start_epochs)
         self.decay = 0.0  # the decay of the next update
         self._epoch = 0
-        super().__init__(use_buffers=use_buffers, multi_avg_fn=self._average)
+        super().__init__(use_buffers=use_buffers)
 
-    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _: Any) -> None:
-        _lerp_all(averaged, current, 1.0 - self.decay)
+    def average_step(self, averaged: list[torch.Tensor], current: list[torch.Tensor]) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
 
     def decay_at(self, step: int, total_steps: int) -> float:
         return self.decay_base**self.every_n_steps * (step / max(1, total_steps)) ** self.decay_pow

@@ -319,6 +319,12 @@ def validate(cfg: DictConfig) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA device: use trainer=cpu "
                         "(or trainer.accelerator=auto)")
+    for key, off in (("gradient_clip_val", None), ("accumulate_grad_batches", 1)):
+        if cfg.trainer.get(key, off) not in (off, 0, None) and not (key == "accumulate_grad_batches"
+                                                                      and cfg.trainer.get(key) == 1):
+            raise UserError(f"trainer.{key}={cfg.trainer.get(key)} is not taken: the training step is written out "
+                            "(module.py, manual optimization, no host sync) without gradient clipping or accumulation; "
+                            f"drop trainer.{key} (a larger batch: data.batch_size)")
     precision = str(cfg.trainer.get("precision"))
     if precision in ("16-mixed", "16") and not _on_cuda(str(cfg.trainer.get("accelerator", "auto"))):
         raise UserError(f"trainer.precision={precision} is fp16 autocast, which needs CUDA (Lightning would run "

@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.optim import effective_hyperparameters  # noqa: F401  (re-exported: Page's formulas)
+from cifar_speedrun.train_metrics import EpochMetrics
 
 
 class PiecewiseLinear:
@@ -159,7 +160,14 @@ def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, transla
 
 
 class SpeedrunModule(L.LightningModule):
-    """DavidNet trained with Page's recipe; every knob comes from the config, nothing is trick-specific."""
+    """A net trained with a recipe from the config; every knob comes from the config, nothing is trick-specific.
+
+    The training step is written out (Lightning's manual optimization): forward, loss, zero_grad,
+    backward, optimizer step, LR schedule step, as a plain loop does it. Lightning's automatic
+    optimization wraps the same work in a closure and a dozen hooks, about 0.3 ms of Python a step
+    (benchmarks/step_cost.py), which on a GPU is time the device waits. So Trainer-level gradient
+    clipping and accumulation do not apply (config.validate refuses them).
+    """
 
     def __init__(
         self,
@@ -169,12 +177,14 @@ class SpeedrunModule(L.LightningModule):
         label_smoothing: float = 0.0,
         tta: dict[str, Any] | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
         channels_last: bool = False,
         nan_check_every: int = 25,
         run_config: dict[str, Any] | None = None,
         epochs: float | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False  # the step below is the whole step
         self.save_hyperparameters(ignore=["net"], logger=False)  # the run logs its Hydra config itself
         knots = list(optim["schedule"]["epochs"])
         if epochs is None and any(isinstance(k, str) for k in knots):
@@ -196,17 +206,14 @@ class SpeedrunModule(L.LightningModule):
         self.label_smoothing = float(label_smoothing)
         self.tta = dict(tta or {})
         self.compile_net = compile
+        self.compile_mode = str(compile_mode)
         self.nan_check_every = max(1, int(nan_check_every))
-        # No argument validation or NaN scans inside the metrics: each would read a value back to the
-        # host (a device sync) every step. Non-finite losses are tracked below, on the device.
-        self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
+        # Training loss and accuracy as device sums and a NaN watch on them (train_metrics.py): no
+        # per-step host sync, five kernels a step. Test metrics run once per evaluation batch.
+        self.epoch_metrics = EpochMetrics(self.nan_check_every)
+        self._epoch_summary: tuple[int, dict[str, float]] | None = None
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
         self.test_loss = MeanMetric(nan_strategy="disable")
-        # Step counter and first step whose loss was not finite, both on the device: no step waits on
-        # the host; the flag is read every `nan_check_every` steps and at each epoch end.
-        self.register_buffer("step_count", torch.tensor(0, dtype=torch.long), persistent=False)
-        self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.warmup_seconds: float | None = None
         self.fit_seconds = 0.0
         self.schedule: PiecewiseLinear | None = None
@@ -214,7 +221,9 @@ class SpeedrunModule(L.LightningModule):
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.compile_net:
-            self.net.compile()  # in place: parameter names (and checkpoints) stay as without compile
+            # In place: parameter names (and checkpoints) stay as without compile. The net has no graph
+            # break in any model family, mode or precision (tests/test_step.py counts them).
+            self.net.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
 
     def on_fit_start(self) -> None:
         # Layers that are fitted to the data (patch whitening) see the standardized training images.
@@ -230,7 +239,6 @@ class SpeedrunModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.fit_seconds = time.perf_counter() - start  # counted as training time (callbacks.TrainTimer)
-        self.step_count.fill_(self.global_step)
         if self.compile_net or self.device.type == "cuda":
             self.warm_up(datamodule)
 
@@ -273,38 +281,59 @@ class SpeedrunModule(L.LightningModule):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        self.epoch_metrics.start_epoch(self.device, self.global_step)
+        # Layers with an epoch-dependent state (airbench's whitening bias trains for 3 epochs only).
+        for layer in self.net.modules():
+            set_epoch = getattr(layer, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.current_epoch)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
+        optimizer = self.optimizers()
         logits = self.net(images)
         loss = self.loss(logits, labels)
-        detached = loss.detach()
-        bad = (~torch.isfinite(detached)) & (self.first_bad_step < 0)
-        self.first_bad_step.copy_(torch.where(bad, self.step_count, self.first_bad_step))
-        self.step_count.add_(1)
-        if (self.global_step + 1) % self.nan_check_every == 0:
-            self.raise_if_not_finite()
-        self.train_loss.update(detached)
-        self.train_acc.update(logits.detach(), labels)
-        # Metric objects logged on epoch end only: no per-step host sync.
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.raise_if_not_finite()
+        self.epoch_metrics.update(loss, logits, labels)
+        bad = self.epoch_metrics.check(self.global_step + 1)
+        if bad is not None:
+            self._raise_not_finite(bad)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)  # through the precision plugin: fp16's loss scaling included
+        optimizer.step()  # counts the global step; with fp16, the scaler's step and update
+        self.lr_schedulers().step()
+        # Nothing returned: Lightning would detach and keep it (two more ops a step) for nobody.
 
     def epoch_train_metrics(self) -> dict[str, float]:
-        """This epoch's mean train loss and accuracy (synced across DDP ranks)."""
-        return {"train_loss": float(self.train_loss.compute()), "train_acc": float(self.train_acc.compute())}
+        """This epoch's mean train loss and accuracy (summed over DDP ranks), read once at its end.
 
-    def raise_if_not_finite(self) -> None:
-        step = int(self.first_bad_step)
-        if step >= 0:
-            lr = self.learning_rate_at(step)
-            raise FloatingPointError(
-                f"loss became NaN/inf at step {step} (epoch {step // max(1, self.steps_per_epoch)}, "
-                f"lr {lr:.4g}): lower optim.lr or the schedule's peak, or check the data"
-            )
+        Called by the TrainTimer callback and by on_train_epoch_end (every rank calls it, so the
+        reduction runs everywhere); the second call reuses the first's numbers.
+        """
+        if self._epoch_summary is None or self._epoch_summary[0] != self.current_epoch:
+            reduce = None
+            if self._trainer is not None and self.trainer.world_size > 1:
+                def reduce(counts: torch.Tensor) -> torch.Tensor:
+                    return self.trainer.strategy.reduce(counts, reduce_op="sum")
+            metrics, bad = self.epoch_metrics.finish_epoch(reduce)
+            if bad is not None:
+                self._raise_not_finite(bad)
+            self._epoch_summary = (self.current_epoch, metrics)
+        return self._epoch_summary[1]
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.epoch_train_metrics()  # raises when the loss went NaN/inf in this epoch
+        self.log_dict({"train/loss": metrics["train_loss"], "train/acc": metrics["train_acc"]}, on_epoch=True)
+
+    def _raise_not_finite(self, window: tuple[int, int]) -> None:
+        """The loss went NaN/inf in steps first..last (1-based; the watch reads the device only every
+        nan_check_every steps): name the window, its epoch and the largest lr in it."""
+        first, last = window
+        lr = max((self.learning_rate_at(step - 1) for step in range(first, last + 1)), default=float("nan"))
+        raise FloatingPointError(
+            f"loss became NaN/inf at step {first}-{last} (epoch {(first - 1) // max(1, self.steps_per_epoch)}, "
+            f"lr {lr:.4g}): lower optim.lr or the schedule's peak, or check the data"
+        )
 
     def learning_rate_at(self, step: int) -> float:
         if self.schedule is None:
@@ -350,9 +379,3 @@ class SpeedrunModule(L.LightningModule):
         if self.total_steps is not None and self.global_step >= self.total_steps:
             self.trainer.should_stop = True
 
-    def on_train_epoch_start(self) -> None:
-        # Layers with an epoch-dependent state (airbench's whitening bias trains for 3 epochs only).
-        for layer in self.net.modules():
-            set_epoch = getattr(layer, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(self.current_epoch)

@@ -180,7 +180,15 @@ class MuonSGD(torch.optim.Optimizer):
     viewed as a (out, in*k*k) matrix and its update is that matrix orthogonalized; the filter is
     rescaled to norm sqrt(out) before the step (`renormalize`), so its scale, which BN makes
     irrelevant, stays put. SGD groups: PyTorch's Nesterov SGD with coupled weight decay.
+
+    fp16 loss scaling without a host sync: like PyTorch's fused optimizers, it declares
+    `_step_supports_amp_scaling`, so GradScaler hands it `grad_scale` and `found_inf` (device
+    tensors) instead of reading `found_inf` back to decide whether to step. The gradients are
+    divided by the scale, and a step with an inf/NaN gradient leaves parameters and momentum as
+    they were, both decided on the device (`torch.where`).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, groups: list[dict[str, Any]], momentum: float = 0.85, nesterov: bool = True,
                  ns_steps: int = 3, renormalize: bool = True) -> None:
@@ -194,25 +202,35 @@ class MuonSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler for this step (fp16)
+        found_inf = getattr(self, "found_inf", None)
+        finite = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
             lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = param.grad
+                grad = param.grad if grad_scale is None else param.grad / grad_scale
                 if not group["muon"] and group["weight_decay"]:
                     grad = grad.add(param, alpha=group["weight_decay"])
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param)
                 buffer = state["momentum_buffer"]
-                buffer.mul_(momentum).add_(grad)
+                if finite is None:
+                    buffer.mul_(momentum).add_(grad)
+                else:
+                    buffer.copy_(torch.where(finite, buffer * momentum + grad, buffer))
                 update = grad.add(buffer, alpha=momentum) if nesterov else buffer
                 if group["muon"]:
                     if group["renormalize"]:
-                        param.mul_(math.sqrt(param.size(0)) / (param.norm() + 1e-12))
+                        factor = math.sqrt(param.size(0)) / (param.norm() + 1e-12)
+                        param.mul_(factor if finite is None else torch.where(finite, factor, 1.0))
                     update = orthogonalize(update.reshape(update.size(0), -1), group["ns_steps"]).view_as(param)
-                param.add_(update, alpha=-lr)
+                if finite is None:
+                    param.add_(update, alpha=-lr)
+                else:
+                    param.copy_(torch.where(finite, param - lr * update, param))
         return loss
 
 
