@@ -12,7 +12,8 @@ then per experiment and precision the mean, std, 95% CI and the median times, an
 <out>/gpu_speedrun.json after every run (a timeout keeps what finished).
 
     python benchmarks/gpu_speedrun.py --seeds 5 [--experiments page_final airbench94 airbench94_muon]
-                                      [--precision 16-mixed bf16-mixed] [--compile] [--out DIR] [--runs-dir DIR]
+                                      [--precision 16-mixed bf16-mixed] [--compile] [--compile-mode MODE]
+                                      [--out DIR] [--runs-dir DIR]
     python benchmarks/gpu_speedrun.py --smoke     # the same code path on the CPU, tiny (used by the tests)
 
 Data: $CIFAR10_ARCHIVE (an image_folder copy), or --official for torchvision's download.
@@ -96,6 +97,11 @@ def main() -> int:
     parser.add_argument("--experiments", nargs="+", default=["page_final", "airbench94"])
     parser.add_argument("--precision", nargs="+", default=["16-mixed", "bf16-mixed"])
     parser.add_argument("--compile", action="store_true", help="add trick=compile (compile time reported apart)")
+    modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    parser.add_argument("--compile-mode", default=None, choices=modes,
+                        help="add trick=compile with this torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--compile-modes", nargs="+", default=None, choices=["none", *modes],
+                        help="run every experiment in each of these (none: eager), side by side")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path")
     parser.add_argument("--official", action="store_true", help="torchvision's official CIFAR-10 download")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_speedrun_out"),
@@ -110,8 +116,10 @@ def main() -> int:
     common = ["logger=none", "trainer.enable_progress_bar=false", "callbacks.checkpoint=null"]
     if not args.official:
         common += ["data.source=image_folder", f"data.path={_common.archive_path()}"]
-    if args.compile:
-        common.append("+trick=compile")
+    # Variants: eager, or torch.compile in each mode asked for (one warm-up run each: compile caches).
+    modes = args.compile_modes or ([args.compile_mode or "default"] if args.compile or args.compile_mode else ["none"])
+    variants = [("" if mode == "none" else f" compile={mode}",
+                 [] if mode == "none" else ["+trick=compile", f"compile.mode={mode}"]) for mode in modes]
     if args.smoke:
         common += SMOKE
         args.precision = ["32-true"]  # bf16 autocast is very slow on CPUs without bf16 units
@@ -128,27 +136,28 @@ def main() -> int:
     def save() -> None:
         (out / "gpu_speedrun.json").write_text(json.dumps(report, indent=2))
 
-    for experiment in args.experiments:
-        base = [f"experiment={experiment}", *common]
+    def run_experiment(experiment: str, label: str, base: list[str]) -> None:
+        """A warm-up run, then N seeds per precision, of one experiment in one variant (eager / compiled)."""
         warm = run_once([*base, "seed=1000", "epochs=3", f"trainer.precision={args.precision[0]}"],
-                        runs / f"{experiment}-warmup", profile_steps=20)
-        report["warmups"][experiment] = {"precision": args.precision[0], "step_ms": warm.get("step_ms"),
-                                         "warmup_seconds": warm.get("warmup_seconds")}
-        print(f"{experiment}: warm-up run done at {time.perf_counter() - start:.1f}s (not reported; its "
+                        runs / f"{experiment}{label.replace(' ', '-')}-warmup", profile_steps=20)
+        report["warmups"][experiment + label] = {"precision": args.precision[0], "step_ms": warm.get("step_ms"),
+                                                 "warmup_seconds": warm.get("warmup_seconds")}
+        print(f"{experiment}{label}: warm-up run done at {time.perf_counter() - start:.1f}s (not reported; its "
               f"warmup_seconds {warm.get('warmup_seconds')}); {args.precision[0]}: "
               f"{describe_steps(warm.get('step_ms'))}", flush=True)
         for precision in args.precision:
             accuracies, seconds, evals = [], [], []
             for seed in range(args.seeds):
                 result = run_once([*base, f"seed={seed}", f"trainer.precision={precision}"],
-                                  runs / f"{experiment}-{precision}-seed{seed}")
+                                  runs / f"{experiment}{label.replace(' ', '-')}-{precision}-seed{seed}")
                 if result.get("status") != "ok":
-                    print(f"  {experiment} {precision} seed {seed}: FAILED {result.get('error')}", flush=True)
+                    print(f"  {experiment}{label} {precision} seed {seed}: FAILED {result.get('error')}", flush=True)
                     continue
                 accuracies.append(result["test_acc"])
                 seconds.append(result["train_seconds"])
                 evals.append(result.get("eval_seconds") or 0.0)
-                report["runs"].append({"experiment": experiment, "precision": precision, "seed": seed,
+                report["runs"].append({"experiment": experiment, "variant": label.strip() or "eager",
+                                       "precision": precision, "seed": seed,
                                        "test_acc": result["test_acc"], "train_seconds": result["train_seconds"],
                                        "eval_seconds": result.get("eval_seconds"),
                                        "fit_seconds": result.get("fit_seconds"),
@@ -156,27 +165,32 @@ def main() -> int:
                                        "time_to_target": result.get("time_to_target"),
                                        "step_ms": result.get("step_ms")})
                 save()
-                print(f"  {experiment} {precision} seed {seed}: test acc {100 * result['test_acc']:.2f}%, "
+                print(f"  {experiment}{label} {precision} seed {seed}: test acc {100 * result['test_acc']:.2f}%, "
                       f"train {result['train_seconds']:.2f}s, eval {result.get('eval_seconds') or 0:.2f}s, "
                       f"warm-up/compile {result.get('warmup_seconds') or 0:.2f}s; "
                       f"{describe_steps(result.get('step_ms'))}", flush=True)
             if accuracies:
                 summary = summarize(accuracies, seconds)
                 steps = [r["step_ms"] for r in report["runs"] if r["experiment"] == experiment
-                         and r["precision"] == precision and r.get("step_ms") and r["step_ms"].get("host_ms")]
+                         and r["variant"] == (label.strip() or "eager") and r["precision"] == precision
+                         and r.get("step_ms") and r["step_ms"].get("host_ms")]
                 for side in ("host_ms", "device_ms"):
                     values = [s[side]["median"] for s in steps if s.get(side)]
                     summary[f"median_{side}_per_step"] = statistics.median(values) if values else None
                 summary["median_eval_seconds"] = statistics.median(evals)
                 summary["median_train_plus_eval_seconds"] = statistics.median(
                     [s + e for s, e in zip(seconds, evals, strict=True)])
-                report["summary"][f"{experiment} {precision}"] = summary
+                report["summary"][f"{experiment} {precision}{label}"] = summary
                 save()
-                print(f"{experiment} {precision}: n={summary['n']}, mean {100 * summary['mean_acc']:.2f}% ± "
+                print(f"{experiment} {precision}{label}: n={summary['n']}, mean {100 * summary['mean_acc']:.2f}% ± "
                       f"{100 * summary['ci95']:.2f} (95% CI), std {100 * summary['std']:.2f}, median train "
                       f"{summary['median_train_seconds']:.2f}s (+ eval {summary['median_eval_seconds']:.2f}s = "
                       f"{summary['median_train_plus_eval_seconds']:.2f}s by airbench's rules)"
                       + _step_line(summary), flush=True)
+
+    for experiment in args.experiments:
+        for label, variant in variants:
+            run_experiment(experiment, label, [f"experiment={experiment}", *common, *variant])
     save()
     print(f"total wall {time.perf_counter() - start:.1f}s; wrote {out / 'gpu_speedrun.json'}")
     return 0 if report["summary"] else 1

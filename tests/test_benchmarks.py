@@ -29,6 +29,8 @@ def test_gpu_speedrun_smoke_runs_recipes_side_by_side_on_cpu(tmp_path: Path, arc
     assert all(s["n"] == 2 for s in report["summary"].values())
     assert all(r["eval_seconds"] > 0 and r["fit_seconds"] is not None for r in report["runs"])
     assert "(95% CI)" in result.stdout and "by airbench's rules" in result.stdout
+    assert all(r["step_ms"]["host_ms"]["median"] > 0 for r in report["runs"]), "host ms/step of every run"
+    assert set(report["warmups"]) == {"page_final", "airbench94", "airbench94_muon"}
     page = json.loads((tmp_path / "runs" / "page_final-32-true-seed0" / "results.json").read_text())
     assert set(page["tricks"]) >= {"ghost_bn", "whitening", "ema", "tta"}
     airbench = json.loads((tmp_path / "runs" / "airbench94-32-true-seed0" / "results.json").read_text())
@@ -69,3 +71,20 @@ def test_muon_width_probe_measures_the_head_s_one_over_d_in_the_bias_gradients(a
     assert steps.returncode == 0, steps.stderr[-3000:]
     rows = [line.split() for line in steps.stdout.splitlines() if line[:4].strip().isdigit()]
     assert [int(row[0]) for row in rows] == [0, 1, 2] and all(len(row) == 9 for row in rows)
+
+
+@pytest.mark.slow
+def test_step_cost_counts_no_sync_and_few_ops_beyond_the_recipe(tmp_path: Path, archive: str, cache_dir: str,
+                                                                real_data) -> None:
+    """Counts may be asserted (times may not): no host sync in a step, and at most 1.25x the ops of the
+    same recipe written as a plain loop (issue 18)."""
+    out = tmp_path / "step_cost.json"
+    result = _run(["benchmarks/step_cost.py", "--repeats", "1", "--experiments", "page_final", "airbench94_muon",
+                   "--json", str(out)], archive, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "host ms/step median" in result.stdout and "ops the project adds per step" in result.stdout
+    for row in json.loads(out.read_text()):
+        project, recipe = row["project"], row["recipe"]
+        assert project["syncs"] == 0 and recipe["syncs"] == 0, row["experiment"]
+        assert project["ops"] <= 1.25 * recipe["ops"], (row["experiment"], project["ops"], recipe["ops"])
+        assert project["steps"] == recipe["steps"] > 100

@@ -302,7 +302,7 @@ class SpeedrunModule(L.LightningModule):
         self.manual_backward(loss)  # through the precision plugin: fp16's loss scaling included
         optimizer.step()  # counts the global step; with fp16, the scaler's step and update
         self.lr_schedulers().step()
-        # Nothing returned: Lightning would detach and keep it (two more ops a step) for nobody.
+        # Nothing returned: Lightning would detach and keep the loss (one more op a step) for nobody.
 
     def epoch_train_metrics(self) -> dict[str, float]:
         """This epoch's mean train loss and accuracy (summed over DDP ranks), read once at its end.
