@@ -15,8 +15,10 @@ for each recipe:
 
 Over the same steps (epochs 1..E-1, each epoch's last step left out: its interval holds the
 epoch's end), it prints host ms/step (median and mean: the mean counts the steps that average, log
-or check), aten ops/step (each a kernel launch on a GPU) and host syncs/step by op, and the ratios
-project / recipe. `--proxy-steps N` also times N steps at the proxy width (0.125, the recipe's batch).
+or check; sides alternate over `--repeats` runs, since this machine's speed drifts), aten ops/step
+(each a kernel launch on a GPU) and host syncs/step by op, counted in a run of their own (the
+counting hook slows every op), and the ratios project / recipe. `--proxy-steps N` also times N
+steps at the proxy width (0.125, the recipe's batch).
 
     python benchmarks/step_cost.py [--experiments page_baseline page_final airbench94 airbench94_muon]
                                    [--width 0.03] [--batch 32] [--steps-per-epoch 30] [--epochs 5]
@@ -63,15 +65,22 @@ def measured_steps(epochs: int, steps_per_epoch: int) -> set[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------ project
-def project(cfg: DictConfig) -> dict[str, Any]:
+def project(cfg: DictConfig, count: bool) -> dict[str, Any]:
+    """Host ms per step (StepClock); with `count`, aten ops and syncs per step instead (op_count.StepOps:
+    its Python hook on every op would slow the very steps being timed, so times and counts come from
+    separate runs)."""
     with open_dict(cfg):
         cfg.callbacks.step_clock = {"_target_": "cifar_speedrun.callbacks.StepClock", "skip_epochs": 1,
                                     "keep_all": True}
-        cfg.callbacks.step_ops = {"_target_": "cifar_speedrun.op_count.StepOps", "skip_epochs": 1}
+        if count:
+            cfg.callbacks.step_ops = {"_target_": "cifar_speedrun.op_count.StepOps", "skip_epochs": 1}
     result = train(cfg)
-    clock, ops = result["step_ms"], result["step_ops"]
-    return {"host_ms": clock["host_ms_all"], "ops": ops["ops_per_step"], "ops_by_name": ops["ops"],
-            "syncs": ops["syncs_per_step"], "syncs_by_name": ops["syncs"], "steps": ops["steps"]}
+    out: dict[str, Any] = {"host_ms": result["step_ms"]["host_ms_all"]}
+    if count:
+        ops = result["step_ops"]
+        out.update(ops=ops["ops_per_step"], ops_by_name=ops["ops"], syncs=ops["syncs_per_step"],
+                   syncs_by_name=ops["syncs"], steps=ops["steps"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ plain loops
@@ -105,7 +114,7 @@ class _Averaging:
 
 
 def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool, epochs: int,
-          steps_per_epoch: int) -> dict[str, Any]:
+          steps_per_epoch: int, count: bool = False) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     batches = datamodule.train_dataloader()
@@ -145,7 +154,8 @@ def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool,
                 layer.set_epoch(epoch)
         iterator = iter(batches)
         for step in range(steps_per_epoch):
-            counter = OpCounter() if (epoch, step) in wanted else None
+            measured = (epoch, step) in wanted
+            counter = OpCounter() if measured and count else None
             start = time.perf_counter()
             if counter is not None:
                 counter.__enter__()
@@ -159,15 +169,18 @@ def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool,
             global_step += 1
             if averaging is not None:
                 averaging.step(global_step, epoch)
+            if measured:
+                host_ms.append(1000 * (time.perf_counter() - start))
             if counter is not None:
                 counter.__exit__(None, None, None)
-                host_ms.append(1000 * (time.perf_counter() - start))
                 ops.update(counter.ops)
                 syncs.update(counter.syncs)
     steps = len(host_ms)
-    return {"host_ms": host_ms, "ops": sum(ops.values()) / steps, "syncs": sum(syncs.values()) / steps,
-            "syncs_by_name": dict(syncs), "ops_by_name": {k: v / steps for k, v in ops.most_common()},
-            "steps": steps}
+    out: dict[str, Any] = {"host_ms": host_ms, "steps": steps}
+    if count:
+        out.update(ops=sum(ops.values()) / steps, syncs=sum(syncs.values()) / steps, syncs_by_name=dict(syncs),
+                   ops_by_name={k: v / steps for k, v in ops.most_common()})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -179,19 +192,23 @@ def measure(experiment: str, args: argparse.Namespace, extra: list[str]) -> dict
     cfg = compose(experiment, args, extra, args.width, args.batch, args.steps_per_epoch)
     torch.manual_seed(int(cfg.seed))
     initial = {k: v.clone() for k, v in instantiate(cfg.model).state_dict().items()}
-    sides: dict[str, list[dict[str, Any]]] = {"project": [], "recipe": [], "sgd": []}
+    def run(side: str, count: bool) -> dict[str, Any]:
+        if side == "project":
+            return project(compose(experiment, args, extra, args.width, args.batch, args.steps_per_epoch), count)
+        return plain(cfg, initial, side == "recipe", args.epochs, args.steps_per_epoch, count)
+
+    sides = ("project", "recipe", "sgd")
+    counted = {side: run(side, True) for side in sides}
+    timed: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(args.repeats):  # alternating, so drift of the machine hits all sides alike
-        sides["project"].append(project(compose(experiment, args, extra, args.width, args.batch,
-                                                args.steps_per_epoch)))
-        sides["recipe"].append(plain(cfg, initial, True, args.epochs, args.steps_per_epoch))
-        sides["sgd"].append(plain(cfg, initial, False, args.epochs, args.steps_per_epoch))
+        for side in sides:
+            timed[side] += run(side, False)["host_ms"]
     out: dict[str, Any] = {"experiment": experiment}
-    for side, runs in sides.items():
-        times = [t for run in runs for t in run["host_ms"]]
-        median, mean = _stats(times)
-        out[side] = {"median_ms": median, "mean_ms": mean, "ops": runs[-1]["ops"], "syncs": runs[-1]["syncs"],
-                     "syncs_by_name": runs[-1]["syncs_by_name"], "steps": runs[-1]["steps"],
-                     "ops_by_name": runs[-1]["ops_by_name"]}
+    for side in sides:
+        median, mean = _stats(timed[side])
+        c = counted[side]
+        out[side] = {"median_ms": median, "mean_ms": mean, "ops": c["ops"], "syncs": c["syncs"],
+                     "syncs_by_name": c["syncs_by_name"], "steps": c["steps"], "ops_by_name": c["ops_by_name"]}
     if args.proxy_steps:
         out["proxy"] = proxy_times(experiment, args, extra)
     return out
@@ -203,12 +220,15 @@ def proxy_times(experiment: str, args: argparse.Namespace, extra: list[str]) -> 
                                   f"data.path={_common.archive_path()}", "data.test_subset=100", *extra])
     batch = int(cfg.data.batch_size)
     steps = args.proxy_steps + 1
-    proxy_args = argparse.Namespace(**{**vars(args), "epochs": 2})
+    proxy_args = argparse.Namespace(**{**vars(args), "epochs": 3})  # 3: the fewest every recipe's knots allow
     cfg = compose(experiment, proxy_args, ["proxy=cpu", *extra], 0.125, batch, steps)
     torch.manual_seed(int(cfg.seed))
     initial = {k: v.clone() for k, v in instantiate(cfg.model).state_dict().items()}
-    project_ms = project(compose(experiment, proxy_args, ["proxy=cpu", *extra], 0.125, batch, steps))["host_ms"]
-    recipe_ms = plain(cfg, initial, True, 2, steps)["host_ms"]
+    project_ms, recipe_ms = [], []
+    for _ in range(args.repeats):  # alternating: this machine's speed drifts by tens of percent over minutes
+        project_ms += project(compose(experiment, proxy_args, ["proxy=cpu", *extra], 0.125, batch, steps),
+                              False)["host_ms"]
+        recipe_ms += plain(cfg, initial, True, 3, steps)["host_ms"]
     return {"project_ms": statistics.fmean(project_ms), "recipe_ms": statistics.fmean(recipe_ms), "batch": batch}
 
 

@@ -39,13 +39,13 @@ THREE_EPOCHS = [o for o in TINY if not o.startswith(("epochs=", "optim.schedule"
     "epochs=3", "optim.schedule.epochs=[0,1,3]", "data.subset=2048"]
 
 
-def _main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """train.py's main() in this process, as a user starts it: exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+def _main(argv: list[str], monkeypatch, capsys, entry=None, program: str = "train.py") -> tuple[int, str]:
+    """train.py's main() (or `entry`, e.g. eval.py's) in this process, as a user starts it: exit code, stderr."""
+    monkeypatch.setattr(sys, "argv", [program, *argv])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     GlobalHydra.instance().clear()
     try:
-        train_lib.main()
+        (entry or train_lib.main)()
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code if isinstance(exit_info.code, int) else (0 if exit_info.code is None else 1)

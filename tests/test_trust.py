@@ -43,17 +43,7 @@ DAVIDNET = "cifar_speedrun.model.DavidNet"
 
 def _eval_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """eval.py's main() in this process, as a user starts it: exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    GlobalHydra.instance().clear()
-    try:
-        evaluate_lib.main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else (0 if exit_info.code is None else 1)
-    finally:
-        GlobalHydra.instance().clear()
-    return code, capsys.readouterr().err
+    return _main(argv, monkeypatch, capsys, entry=evaluate_lib.main, program="eval.py")
 
 
 def _eval_process(args: list[str], cwd: Path, cache_dir: str) -> subprocess.CompletedProcess[str]:
