@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cifar_speedrun.model import GhostBatchNorm
+from cifar_speedrun.models.layers import GhostBatchNorm
 
 
 class EagerGhostBatchNorm(GhostBatchNorm):
@@ -41,7 +41,8 @@ def with_eager_ghost_bn(net: nn.Module) -> nn.Module:
     for name, child in list(net.named_children()):
         if isinstance(child, GhostBatchNorm):
             eager = EagerGhostBatchNorm(child.num_features, splits=child.splits, eps=child.eps,
-                                        momentum=child.momentum, float32=child.float32)
+                                        momentum=child.momentum, scale_init=1.0,
+                                        freeze_scale=not child.weight.requires_grad, float32=child.float32)
             eager.load_state_dict(child.state_dict())
             eager.weight.requires_grad_(child.weight.requires_grad)
             setattr(net, name, eager)

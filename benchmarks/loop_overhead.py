@@ -21,9 +21,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from cifar_speedrun.module import PiecewiseLinear, SpeedrunModule, resolve_knots
+from cifar_speedrun.module import SpeedrunModule
+from cifar_speedrun.schedule import PiecewiseLinear, resolve_knots
 
 
 class EpochClock(L.Callback):
@@ -45,8 +45,7 @@ def lightning_epochs(cfg, initial_state: dict) -> list[float]:
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     net.load_state_dict(initial_state)
-    module = SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.data.batch_size),
-                            float(cfg.loss.label_smoothing), OmegaConf.to_container(cfg.tta), epochs=cfg.epochs)
+    module = SpeedrunModule.from_config(cfg, net)
     clock = EpochClock()
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [clock]
     loggers = [instantiate(c) for c in cfg.logger.values()]

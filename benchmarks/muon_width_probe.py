@@ -1,7 +1,7 @@
 """Why airbench94_muon stalls at chance on the CPU proxy: the first steps, watched from inside.
 
 airbench94_muon (8 epochs, batch 2000) reaches 94% at full width, but at the proxy width 0.125 its
-train loss sat at ln 10 = 2.303 from epoch 0 to 4 (README, "Page vs airbench"). This script runs the
+train loss sat at ln 10 = 2.303 from epoch 0 to 4 (docs/results.md, "Page vs airbench"). This script runs the
 recipe's own optimizer (optim.muon_sgd) and schedules by hand for the first steps and prints, per
 step, what could hold the loss at chance: the whitening bias (trained with lr 0.053 per example,
 i.e. 106 on our mean loss at batch 2000), the share of whitening outputs the GELU lets through, the
@@ -24,9 +24,9 @@ from _common import archive_path, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_speedrun.model import PatchWhitening
-from cifar_speedrun.module import PiecewiseLinear, group_schedules, resolve_knots
+from cifar_speedrun.models.layers import PatchWhitening
 from cifar_speedrun.optim import muon_sgd
+from cifar_speedrun.schedule import PiecewiseLinear, group_schedules, resolve_knots
 
 
 def main() -> None:

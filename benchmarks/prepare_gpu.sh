@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Copy what a lent GPU machine lacks into .gpu/ (ignored by git; < 64 MiB): the Hydra wheels and the
-# CIFAR-10 archive. Then call the device tool with command `bash benchmarks/gpu_speedrun.sh 5`
-# and carry [".gpu"].
+# Copy what a lent GPU machine lacks into .gpu/ (ignored by git; < 64 MiB): the Hydra and pydantic
+# wheels (../shared/wheels-gpu) and the CIFAR-10 archive. Then call the device tool with command
+# `bash benchmarks/gpu_speedrun.sh 5` and carry [".gpu"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${SHARED:-$(cd .. && pwd)/shared}"

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_speedrun.module import PiecewiseLinear, group_schedules, resolve_knots
 from cifar_speedrun.op_count import OpCounter
+from cifar_speedrun.schedule import PiecewiseLinear, group_schedules, resolve_knots
 from cifar_speedrun.train import train
 
 DEFAULT_EXPERIMENTS = ["page_baseline", "page_final", "airbench94", "airbench94_muon"]

@@ -13,12 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from cifar_speedrun.augment import AugmentConfig, AugmentedBatches
 from cifar_speedrun.callbacks import Lookahead
 from cifar_speedrun.config import validate
-from cifar_speedrun.data import AugmentConfig, AugmentedBatches
-from cifar_speedrun.model import AirbenchNet, BatchNorm, DavidNet, GhostBatchNorm, PatchWhitening
-from cifar_speedrun.module import SpeedrunModule, resolve_knots, tta_logits
+from cifar_speedrun.models import build
+from cifar_speedrun.models.layers import BatchNorm, GhostBatchNorm, PatchWhitening
+from cifar_speedrun.module import SpeedrunModule
 from cifar_speedrun.optim import MuonSGD, airbench_scale, orthogonalize
+from cifar_speedrun.schedule import resolve_knots
+from cifar_speedrun.tta import tta_logits
 
 # By hand, airbench94 at width 1 (widths 64, 256, 256; every conv 3x3 without bias):
 #   whitening bias 24 (the 24 filters are a frozen buffer)
@@ -28,7 +31,7 @@ AIRBENCH_PARAMETERS = 24 + 50_688 + 737_280 + 1_179_648 + 2_304 + 2_560
 
 
 def test_airbench_net_layout_and_size() -> None:
-    net = AirbenchNet()
+    net = build("airbench94")
     assert sum(p.numel() for p in net.parameters()) == AIRBENCH_PARAMETERS
     assert isinstance(net.whiten, PatchWhitening) and net.whiten.out_channels == 24 and net.whiten.padding == 0
     assert list(dict(net.block1.named_children())) == ["conv1", "pool", "norm1", "act1", "conv2", "norm2", "act2"]
@@ -45,11 +48,12 @@ def test_airbench_net_layout_and_size() -> None:
         h = block(h)
         spatial.append(h.shape[-1])
     assert spatial == [15, 7, 3] and net(x).shape == (2, 10)  # 32 -> 31 (2x2, no padding) -> 15 -> 7 -> 3
-    small = AirbenchNet(width=0.125)
+    small = build("airbench94", width=0.125)
     assert [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)][::2] == [8, 32, 32]
 
 
-@pytest.mark.parametrize("net", [AirbenchNet(), DavidNet(width=0.25, dirac_init=True)], ids=["airbench", "davidnet"])
+@pytest.mark.parametrize("net", [build("airbench94"), build("davidnet", width=0.25, dirac_init=True)],
+                         ids=["airbench", "davidnet"])
 def test_dirac_init_is_the_identity_on_the_first_channels(net: nn.Module) -> None:
     for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
         x = torch.randn(2, conv.in_channels, 8, 8)
@@ -58,15 +62,15 @@ def test_dirac_init_is_the_identity_on_the_first_channels(net: nn.Module) -> Non
         assert torch.allclose(out[:, :keep], x[:, :keep], atol=1e-6)
         if conv.out_channels > conv.in_channels:
             assert not torch.allclose(conv.weight[conv.in_channels:], torch.zeros(1)), "the other filters are random"
-    plain = DavidNet(width=0.25).prep.conv  # off by default on DavidNet
+    plain = build("davidnet", width=0.25).prep.conv  # off by default on DavidNet
     x = torch.randn(2, 3, 8, 8)
     assert not torch.allclose(F.conv2d(x, plain.weight, padding=1)[:, :3], x, atol=1e-3)
 
 
 def test_airbench_whitening_has_both_signs_and_a_bias_frozen_after_its_epochs(real_data) -> None:
-    from cifar_speedrun.data import PAGE_MEAN, PAGE_STD, standardize
+    from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, standardize
 
-    white = AirbenchNet(width=0.125).whiten
+    white = build("airbench94", width=0.125).whiten
     white.fit_to_data(standardize(real_data.train_x[:2000], PAGE_MEAN, PAGE_STD))
     assert torch.allclose(white.weight[12:], -white.weight[:12])
     assert white.bias is not None and white.bias.shape == (24,) and white.bias_epochs == 3
@@ -90,8 +94,7 @@ class _Batches:
 def test_whitening_bias_trains_only_in_its_epochs(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("model=airbench94", "model.width=0.125", "model.whitening.bias_epochs=1", "optim=airbench_sgd",
                       "data.batch_size=32", "epochs=3")
-    module = SpeedrunModule(instantiate(cfg.model), OmegaConf.to_container(cfg.optim, resolve=True), 32,
-                            epochs=3)
+    module = SpeedrunModule.from_config(cfg, batch_size=32, epochs=3)
     seen = []
 
     class Record(L.Callback):
@@ -193,8 +196,7 @@ def test_lookahead_copies_the_average_back_with_its_decay_schedule(tmp_path: Pat
 # ---------------------------------------------------------------- decoupled SGD and Muon
 def test_airbench_decoupled_lr_and_weight_decay_match_its_numbers(compose_cfg) -> None:
     cfg = compose_cfg("experiment=airbench94", "model.width=0.125")
-    module = SpeedrunModule(instantiate(cfg.model), OmegaConf.to_container(cfg.optim, resolve=True), 1024,
-                            epochs=cfg.epochs)
+    module = SpeedrunModule.from_config(cfg, batch_size=1024, epochs=cfg.epochs)
     effective = module.effective
     # airbench94.py: kilostep_scale = 1024 * (1 + 1 / (1 - 0.85)); lr = 11.5 / kilostep_scale;
     # wd = 0.0153 * 1024 / kilostep_scale; lr_biases = lr * 64
@@ -219,7 +221,7 @@ def test_our_mean_loss_step_equals_airbenchs_summed_loss_step(compose_cfg) -> No
     theirs.load_state_dict(ours.state_dict())
     batch = 32
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    module = SpeedrunModule(ours, OmegaConf.to_container(cfg.optim, resolve=True), batch, epochs=cfg.epochs)
+    module = SpeedrunModule.from_config(cfg, ours, batch_size=batch, epochs=cfg.epochs)
     optimizer = module.builder(ours, module.optim_cfg, batch, "cpu").optimizer
     scale = airbench_scale(0.85)
     lr, wd = 11.5 / scale, 0.0153 * batch / scale
@@ -251,7 +253,7 @@ def test_muon_updates_only_the_conv_filters_and_sgd_the_rest(compose_cfg) -> Non
     cfg = compose_cfg("experiment=airbench94_muon", "model.width=0.125")
     torch.manual_seed(0)
     net = instantiate(cfg.model)
-    module = SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), 64, epochs=cfg.epochs)
+    module = SpeedrunModule.from_config(cfg, net, batch_size=64, epochs=cfg.epochs)
     optimizer = module.builder(net, module.optim_cfg, 64, "cpu").optimizer
     assert isinstance(optimizer, MuonSGD)
     groups = {g["name"]: g for g in optimizer.param_groups}
@@ -291,7 +293,7 @@ def test_the_muon_head_and_bn_bias_lrs_keep_airbenchs_steps_at_any_width(compose
     net = instantiate(cfg.model)
     assert net.linear.in_features == round(256 * width)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    built = SpeedrunModule(net, optim, 100, epochs=cfg.epochs).builder(net, optim, 100, "cpu")
+    built = SpeedrunModule.from_config(cfg, net, optim=optim, batch_size=100).builder(net, optim, 100, "cpu")
     head = next(g for g in built.optimizer.param_groups if g["name"] == "head")
     assert head["lr"] == pytest.approx(0.67 * factor * 100)
     assert head["lr"] * head["weight_decay"] == pytest.approx(2e-6 * 100)  # the shrink does not scale
@@ -316,7 +318,7 @@ def test_a_fractional_run_stops_inside_its_last_epoch(compose_cfg, tmp_path: Pat
     cfg = compose_cfg("model=airbench94", "model.width=0.125", "optim=airbench_sgd", "epochs=1.5")
     validate(cfg)
     assert cfg.trainer.max_epochs == 2
-    module = SpeedrunModule(instantiate(cfg.model), OmegaConf.to_container(cfg.optim, resolve=True), 16, epochs=1.5)
+    module = SpeedrunModule.from_config(cfg, batch_size=16, epochs=1.5)
     torch.manual_seed(0)
     data = _Batches([(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(4)])
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
@@ -328,7 +330,7 @@ def test_a_fractional_run_stops_inside_its_last_epoch(compose_cfg, tmp_path: Pat
 
 
 def test_tta_level_two_weights_the_views_as_airbench() -> None:
-    net = AirbenchNet(width=0.125).eval()
+    net = build("airbench94", width=0.125).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
@@ -365,7 +367,7 @@ def test_pieces_of_both_recipes_mix_and_train_a_step(compose_cfg, overrides) -> 
     cfg = compose_cfg(*overrides, "model.width=0.125", "data.batch_size=64", "model.norm.ghost_splits=4")
     validate(cfg)
     net = instantiate(cfg.model)
-    module = SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), 64, epochs=cfg.epochs)
+    module = SpeedrunModule.from_config(cfg, net, batch_size=64, epochs=cfg.epochs)
     for layer in net.modules():
         if isinstance(layer, PatchWhitening):
             layer.fit_to_data(torch.randn(64, 3, 32, 32))
@@ -380,5 +382,5 @@ def test_pieces_of_both_recipes_mix_and_train_a_step(compose_cfg, overrides) -> 
 def test_a_trick_for_another_model_is_refused(compose_cfg) -> None:
     from cifar_speedrun.errors import UserError
 
-    with pytest.raises(UserError, match="unknown key model.pool_before_norm"):
+    with pytest.raises(UserError, match="trick=pool_before_norm sets model.pool_before_norm, which this configuration"):
         validate(compose_cfg("model=airbench94", "+trick=pool_before_norm"))

@@ -8,23 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
-from cifar_speedrun import data as data_lib
-from cifar_speedrun.data import (
-    CIFAR10_CLASSES,
+from cifar_speedrun import augment as augment_lib
+from cifar_speedrun import sources as sources_lib
+from cifar_speedrun.augment import (
     AugmentConfig,
     AugmentedBatches,
-    Cifar10DataModule,
     augment_batch,
     crop_flip,
     cutout,
-    load_cifar10_uint8,
     pad_reflect,
-    select_subset,
     standardize,
 )
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8, select_subset
 
 
 # ---------------------------------------------------------------- augmentation properties
@@ -125,13 +124,13 @@ def test_real_data_shapes_and_labels(real_data) -> None:
 
 
 def test_standardized_train_set_has_zero_mean_unit_std(real_data) -> None:
-    x = standardize(real_data.train_x, data_lib.PAGE_MEAN, data_lib.PAGE_STD)
+    x = standardize(real_data.train_x, augment_lib.PAGE_MEAN, augment_lib.PAGE_STD)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3))
     # Page's statistics are the official release's; this JPEG copy differs by < 1% (shared/README.md).
     assert torch.allclose(mean, torch.zeros(3), atol=0.01), mean
     assert torch.allclose(std, torch.ones(3), atol=0.02), std
-    own_mean, own_std = data_lib.channel_stats(real_data.train_x)
+    own_mean, own_std = augment_lib.channel_stats(real_data.train_x)
     x = standardize(real_data.train_x, own_mean, own_std)
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
@@ -141,15 +140,15 @@ def test_second_load_reads_the_cache_not_the_images(real_data, archive, cache_di
     def fail(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(data_lib, "_load_image_folder", fail)
+    monkeypatch.setattr(sources_lib, "_load_image_folder", fail)
     again = load_cifar10_uint8("image_folder", None, archive, cache_dir)
     assert torch.equal(again.train_x[:100], real_data.train_x[:100])
     assert not [name for name in os.listdir(cache_dir) if ".tmp-" in name], "no temporary files left"
 
 
-def test_datamodule_setup_pads_and_subsets(archive, cache_dir, real_data) -> None:
-    dm = Cifar10DataModule(source="image_folder", path=archive, cache_dir=cache_dir, batch_size=100,
-                           subset=1000, test_subset=200)
+def test_datamodule_setup_pads_and_subsets(archive, cache_dir, real_data, compose_cfg) -> None:
+    dm = instantiate(compose_cfg("data.source=image_folder", f"data.path={archive}", f"paths.cache_dir={cache_dir}",
+                                 "data.batch_size=100", "data.subset=1000", "data.test_subset=200").data)
     dm.setup("fit")
     batches = dm.train_dataloader()
     assert len(batches) == 10 and batches.images.shape == (1000, 3, 40, 40)

@@ -32,8 +32,8 @@ from cifar_speedrun import storage
 from cifar_speedrun import train as train_lib
 from cifar_speedrun.archive import safe_extract
 from cifar_speedrun.config import validate
-from cifar_speedrun.data import CIFAR10_CLASSES, load_cifar10_uint8, source_identity
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8, source_identity
 
 THREE_EPOCHS = [o for o in TINY if not o.startswith(("epochs=", "optim.schedule", "data.subset"))] + [
     "epochs=3", "optim.schedule.epochs=[0,1,3]", "data.subset=2048"]

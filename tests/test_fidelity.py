@@ -15,12 +15,14 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from torch import nn
 
+from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, standardize
 from cifar_speedrun.callbacks import EMA
 from cifar_speedrun.config import validate
-from cifar_speedrun.data import PAGE_MEAN, PAGE_STD, standardize
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.model import GhostBatchNorm, PatchWhitening
-from cifar_speedrun.module import PiecewiseLinear, SpeedrunModule, resolve_knots
+from cifar_speedrun.models import build_norm, build_whitening
+from cifar_speedrun.models.layers import GhostBatchNorm, PatchWhitening
+from cifar_speedrun.module import SpeedrunModule
+from cifar_speedrun.schedule import PiecewiseLinear, resolve_knots
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the ghost-BN benchmark's 'before' layer
 
@@ -57,11 +59,11 @@ def test_whitening_fitted_on_class_sorted_data_whitens_held_out_patches_of_all_c
         off_diagonal = covariance - torch.diag(covariance.diagonal())
         return float((covariance - expected).abs().max()), float(off_diagonal.abs().max())
 
-    white = PatchWhitening(max_images=4000, seed=0)
+    white = build_whitening(max_images=4000, seed=0)
     white.fit_to_data(train)
     total, off = miss(white, train[PatchWhitening.sample_indices(len(train), 4000, seed=0)])
     assert total < 0.1 and off < 0.03, (total, off)
-    first = PatchWhitening(max_images=4000)
+    first = build_whitening(max_images=4000)
     first.fit_to_data(train[:4000])  # what "the first 4,000" fits: one class
     assert miss(first, train[:4000])[0] > 0.2
 
@@ -69,7 +71,7 @@ def test_whitening_fitted_on_class_sorted_data_whitens_held_out_patches_of_all_c
 def test_whitening_fit_is_the_same_on_every_rank(real_data) -> None:
     """Each DDP rank holds the whole train set and fits with the run's seed: identical filters."""
     images = standardize(real_data.train_x[:3000], PAGE_MEAN, PAGE_STD)
-    first, second = PatchWhitening(max_images=1000, seed=3), PatchWhitening(max_images=1000, seed=3)
+    first, second = build_whitening(max_images=1000, seed=3), build_whitening(max_images=1000, seed=3)
     first.fit_to_data(images)
     second.fit_to_data(images.clone())
     assert torch.equal(first.weight, second.weight)
@@ -78,7 +80,7 @@ def test_whitening_fit_is_the_same_on_every_rank(real_data) -> None:
 # ---------------------------------------------------------------- ghost BN: eval statistics once, lazily
 def _ghost_after_training(momentum: float = 1.0) -> tuple[GhostBatchNorm, torch.Tensor]:
     torch.manual_seed(1)
-    bn = GhostBatchNorm(3, splits=4, momentum=momentum).train()
+    bn = build_norm(3, kind="ghost", ghost_splits=4, momentum=momentum).train()
     x = torch.randn(64, 3, 4, 4) + torch.arange(64).view(64, 1, 1, 1) % 4  # splits differ in mean
     bn(x)
     return bn, x
@@ -120,7 +122,8 @@ def test_ghost_bn_eval_equals_the_per_step_recombination() -> None:
     from ghost_bn_step import EagerGhostBatchNorm
 
     torch.manual_seed(0)
-    lazy, eager = GhostBatchNorm(5, splits=4), EagerGhostBatchNorm(5, splits=4)
+    settings = {"splits": 4, "eps": 1e-5, "momentum": 0.1, "scale_init": 1.0, "freeze_scale": False, "float32": False}
+    lazy, eager = GhostBatchNorm(5, **settings), EagerGhostBatchNorm(5, **settings)
     eager.load_state_dict(lazy.state_dict())
     for _ in range(7):
         x = torch.randn(32, 5, 6, 6) * 2 + 1
@@ -132,7 +135,7 @@ def test_ghost_bn_eval_equals_the_per_step_recombination() -> None:
 
 def test_ghost_bn_statistics_survive_a_checkpoint_round_trip() -> None:
     bn, x = _ghost_after_training()
-    fresh = GhostBatchNorm(3, splits=4)
+    fresh = build_norm(3, kind="ghost", ghost_splits=4)
     fresh.load_state_dict(bn.state_dict())  # saved after training: running_mean still the initial zeros
     assert torch.allclose(fresh.eval()(x), bn.eval()(x), atol=1e-6)
 
@@ -140,7 +143,8 @@ def test_ghost_bn_statistics_survive_a_checkpoint_round_trip() -> None:
 class _GhostNet(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), GhostBatchNorm(4, splits=4), nn.Flatten(),
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), build_norm(4, kind="ghost", ghost_splits=4),
+                                 nn.Flatten(),
                                  nn.Linear(4 * 8 * 8, 2))
 
     def training_step(self, batch, batch_idx):
@@ -218,8 +222,7 @@ def test_epochs_alone_gives_a_schedule_over_the_whole_run(compose_cfg, overrides
     cfg = compose_cfg(*overrides)
     validate(cfg)
     assert cfg.trainer.max_epochs == cfg.epochs
-    module = SpeedrunModule(nn.Linear(2, 2), OmegaConf.to_container(cfg.optim, resolve=True), 512,
-                            epochs=cfg.epochs)
+    module = SpeedrunModule.from_config(cfg, nn.Linear(2, 2), batch_size=512, epochs=cfg.epochs)
     assert module.schedule_knots == pytest.approx(knots)
     assert module.effective["schedule_epochs"] == pytest.approx(knots)
     # The schedule reaches its last value by the end of the run, never stopped while the lr rises.
@@ -232,12 +235,13 @@ def test_max_epochs_that_differs_from_epochs_is_refused(compose_cfg) -> None:
         validate(compose_cfg("trainer.max_epochs=5"))
 
 
-def test_string_knots_need_the_runs_epochs() -> None:
-    optim = {"lr": 0.4, "weight_decay": 5e-4, "momentum": 0.9,
-             "schedule": {"epochs": [0, "epochs/5", "epochs"], "factors": [0, 1, 0]}}
+def test_string_knots_need_the_runs_epochs(compose_cfg) -> None:
+    optim = OmegaConf.to_container(compose_cfg().optim, resolve=True)
+    optim["schedule"] = {"epochs": [0, "epochs/5", "epochs"], "factors": [0, 1, 0]}
     with pytest.raises(UserError, match="give the run's epochs"):
-        SpeedrunModule(nn.Linear(2, 2), optim, 512)
-    assert SpeedrunModule(nn.Linear(2, 2), optim, 512, epochs=10).schedule_knots == [0, 2, 10]
+        SpeedrunModule.from_config(compose_cfg(), nn.Linear(2, 2), optim=optim, epochs=None)
+    module = SpeedrunModule.from_config(compose_cfg(), nn.Linear(2, 2), optim=optim, epochs=10)
+    assert module.schedule_knots == [0, 2, 10]
 
 
 # ---------------------------------------------------------------- the CPU proxy keeps Page's steps
@@ -259,7 +263,7 @@ def test_cpu_proxy_keeps_the_full_training_set_and_the_recipe(compose_cfg) -> No
 
 
 def test_page_final_on_the_proxy_is_the_s7_row(compose_cfg) -> None:
-    """README's recipes table takes page_final's proxy runs from the s7 row of Page's table: one config."""
+    """docs/results.md's recipes table takes page_final's proxy runs from the s7 row of Page's table: one config."""
 
     def job(*overrides: str) -> dict:
         cfg = compose_cfg(*overrides)

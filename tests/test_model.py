@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.model import DavidNet, count_parameters
+from cifar_speedrun.models import build
+from cifar_speedrun.models.layers import count_parameters
 
 # By hand, width 1.0 (3x3 convs without bias, BN has a scale and a bias per channel):
 #   convs: 3*64*9 + 64*128*9 + 2*128*128*9 + 128*256*9 + 256*512*9 + 2*512*512*9 = 6,563,520
@@ -18,11 +19,11 @@ DAVIDNET_PARAMETERS = 6_573_120
 
 
 def test_parameter_count_matches_hand_count() -> None:
-    assert count_parameters(DavidNet()) == DAVIDNET_PARAMETERS
+    assert count_parameters(build("davidnet")) == DAVIDNET_PARAMETERS
 
 
 def test_output_shape_and_logit_scale() -> None:
-    net = DavidNet(width=0.25).eval()
+    net = build("davidnet", width=0.25).eval()
     x = torch.randn(5, 3, 32, 32)
     logits = net(x)
     assert logits.shape == (5, 10)
@@ -31,7 +32,7 @@ def test_output_shape_and_logit_scale() -> None:
 
 
 def test_architecture_layout() -> None:
-    net = DavidNet()
+    net = build("davidnet")
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [
         (3, 64), (64, 128), (128, 128), (128, 128), (128, 256), (256, 512), (512, 512), (512, 512)]
@@ -45,10 +46,10 @@ def test_architecture_layout() -> None:
 
 @pytest.mark.parametrize("width,channels", [(0.25, (16, 32, 64, 128)), (0.125, (8, 16, 32, 64))])
 def test_width_multiplier(width: float, channels: tuple[int, ...]) -> None:
-    net = DavidNet(width=width)
+    net = build("davidnet", width=width)
     assert net.prep.conv.out_channels == channels[0] and net.linear.in_features == channels[3]
 
 
 def test_bad_width_is_refused() -> None:
     with pytest.raises(UserError, match="model.width"):
-        DavidNet(width=0)
+        build("davidnet", width=0)

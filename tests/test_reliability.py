@@ -152,6 +152,8 @@ BAD_INPUTS = [
     ("unknown experiment", ["experiment=page_finale"], "unknown experiment 'page_finale'"),
     ("unknown logger", ["logger=wandbb"], "unknown logger 'wandbb'"),
     ("typo in a key", ["optim.lrr=0.1"], "unknown key optim.lrr: did you mean optim.lr=0.1?"),
+    ("a trick that does not apply", ["model=resnet18", "+trick=pool_before_norm"],
+     "trick=pool_before_norm sets model.pool_before_norm, which this configuration does not have"),
     ("wrong type", ["data.batch_size=abc"], "data.batch_size='abc' must be a positive integer"),
     ("negative batch size", ["data.batch_size=-512"], "data.batch_size=-512 must be a positive integer"),
     ("batch not divisible by world size", ["trainer=ddp", "data.batch_size=511"], "not divisible by the 2 devices"),
@@ -201,10 +203,10 @@ def test_bad_input_is_one_line(name, overrides, message, tmp_path: Path, archive
     assert "Traceback" not in err
 
 
-def test_bad_input_table_in_readme_lists_every_case() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_bad_input_table_in_docs_lists_every_case() -> None:
+    operations = (REPO / "docs" / "operations.md").read_text()
     for name, _, _ in BAD_INPUTS:
-        assert f"| {name} |" in readme, name
+        assert f"| {name} |" in operations, name
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def _leave_one_out() -> list[list[str]]:
 
 CONFIGS = {
     **{f"experiment={name}": [f"experiment={name}"]
-       for name in ("page_baseline", "page_final", "airbench94", "airbench94_muon")},
+       for name in ("page_baseline", "page_final", "airbench94", "airbench94_muon", "resnet18")},
     **{f"leave-one-out {i}": overrides for i, overrides in enumerate(_leave_one_out())},
     "davidnet + lookahead + alternating flip": ["+trick=[lookahead,alternating_flip,dirac_init,channels_last]"],
 }
@@ -115,7 +115,8 @@ def test_muon_takes_grad_scaler_tensors_and_skips_an_inf_step_on_the_device() ->
 
 
 # ---------------------------------------------------------------- torch.compile: one graph per net, the same numbers
-FAMILIES = ["page_baseline", "page_final", "airbench94", "airbench94_muon"]
+FAMILIES = ["page_baseline", "page_final", "airbench94", "airbench94_muon", "resnet18",
+            "resnet18 +trick=[ghost_bn,celu,whitening]"]
 
 
 @pytest.mark.parametrize("experiment", FAMILIES)
@@ -123,7 +124,9 @@ def test_every_net_compiles_to_one_graph_in_training_and_eval_with_and_without_a
                                                                                        compose_cfg) -> None:
     from hydra.utils import instantiate
 
-    cfg = compose_cfg(f"experiment={experiment}", "trainer=cpu", "model.width=0.125", "+trick=[channels_last]")
+    name, *tricks = experiment.split(" ")
+    cfg = compose_cfg(f"experiment={name}", "trainer=cpu", "model.width=0.125",
+                      tricks[0].replace("]", ",channels_last]") if tricks else "+trick=[channels_last]")
     net = instantiate(cfg.model).to(memory_format=torch.channels_last)
     images = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     for training in (True, False):

@@ -11,14 +11,18 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, run_train
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from cifar_speedrun.callbacks import EMA
 from cifar_speedrun.config import available_options, check_group_overrides, validate
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.model import BatchNorm, DavidNet, GhostBatchNorm, PatchWhitening
-from cifar_speedrun.module import SpeedrunModule, effective_hyperparameters, resolve_knots, tta_logits
+from cifar_speedrun.models import build as build_net
+from cifar_speedrun.models import build_norm, build_whitening
+from cifar_speedrun.models.layers import BatchNorm, PatchWhitening
+from cifar_speedrun.module import SpeedrunModule
+from cifar_speedrun.optim import effective_hyperparameters
+from cifar_speedrun.schedule import resolve_knots
+from cifar_speedrun.tta import tta_logits
 
 PAGE_TRICKS = ["mixed_precision", "pool_before_norm", "label_smoothing", "celu", "ghost_bn", "frozen_bn_scale",
                "whitening", "ema", "tta"]
@@ -27,9 +31,7 @@ ALL_TRICKS = [*PAGE_TRICKS, "compile", "channels_last", "dirac_init", "alternati
 
 def build(cfg) -> SpeedrunModule:
     net = instantiate(cfg.model)
-    return SpeedrunModule(net, OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.data.batch_size),
-                          float(cfg.loss.label_smoothing), OmegaConf.to_container(cfg.tta),
-                          compile=bool(cfg.compile.enabled), channels_last=bool(cfg.channels_last), epochs=cfg.epochs)
+    return SpeedrunModule.from_config(cfg, net)
 
 
 def test_every_trick_has_a_config_file() -> None:
@@ -61,7 +63,7 @@ def test_celu_replaces_every_relu(compose_cfg) -> None:
 def test_ghost_bn_normalizes_each_split_with_its_own_statistics() -> None:
     torch.manual_seed(0)
     splits, channels = 4, 3
-    bn = GhostBatchNorm(channels, splits=splits).train()
+    bn = build_norm(channels, kind="ghost", ghost_splits=splits).train()
     x = torch.randn(32, channels, 5, 5) * torch.arange(1, 33).view(32, 1, 1, 1)  # splits differ a lot
     out = bn(x)
     means = []
@@ -105,17 +107,17 @@ def test_frozen_scales_stay_fixed_while_biases_learn(compose_cfg) -> None:
 
 # ---------------------------------------------------------------- whitening
 def test_whitening_filters_make_patch_covariance_identity(real_data) -> None:
-    from cifar_speedrun.data import PAGE_MEAN, PAGE_STD, standardize
+    from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, standardize
 
     images = standardize(real_data.train_x[:2000], PAGE_MEAN, PAGE_STD)
-    white = PatchWhitening(eps=1e-8)
+    white = build_whitening(eps=1e-8)
     white.fit_to_data(images)
     out = F.conv2d(images, white.weight)  # valid patches only: each output pixel is one 3x3 patch
     flat = out.permute(1, 0, 2, 3).reshape(27, -1).double()
     second_moment = flat @ flat.T / (flat.shape[1] - 1)
     assert torch.allclose(second_moment, torch.eye(27, dtype=torch.float64), atol=1e-3)
     # with Page's eps = 1e-2 the small-eigenvalue directions are damped, never amplified beyond 1
-    page = PatchWhitening()
+    page = build_whitening()
     page.fit_to_data(images)
     flat = F.conv2d(images, page.weight).permute(1, 0, 2, 3).reshape(27, -1).double()
     diagonal = (flat @ flat.T / (flat.shape[1] - 1)).diagonal()
@@ -191,7 +193,7 @@ def test_ema_trick_adds_the_callback(compose_cfg) -> None:
 
 # ---------------------------------------------------------------- TTA
 def test_tta_is_the_mean_over_the_flipped_pair_and_flip_invariant() -> None:
-    net = DavidNet(width=0.125).eval()
+    net = build_net("davidnet", width=0.125).eval()
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         out = tta_logits(net, x, flip=True)
@@ -235,7 +237,7 @@ def test_channels_last_and_compile_flags(compose_cfg) -> None:
 
 
 def test_cutout_toggle(compose_cfg) -> None:
-    from cifar_speedrun.data import AugmentConfig, augment_batch
+    from cifar_speedrun.augment import AugmentConfig, augment_batch
 
     cfg = compose_cfg("data.cutout=false")
     assert cfg.data.cutout is False

@@ -33,12 +33,12 @@ from cifar_speedrun import archive as archive_lib
 from cifar_speedrun import evaluate as evaluate_lib
 from cifar_speedrun import interrupts, run_lock
 from cifar_speedrun.archive import safe_extract
-from cifar_speedrun.data import CIFAR10_CLASSES, load_cifar10_uint8
 from cifar_speedrun.errors import UserError, cause_chain, describe, find_user_error
-from cifar_speedrun.model import DavidNet
 from cifar_speedrun.model_file import FORMAT, build_model, load_model
+from cifar_speedrun.models import build, by_name, default_settings, target_of
+from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8
 
-DAVIDNET = "cifar_speedrun.model.DavidNet"
+DAVIDNET = "cifar_speedrun.models.davidnet.DavidNet"
 
 
 def _eval_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -65,13 +65,14 @@ def _attacks(victim: Path, payload: Path) -> list[tuple[str, dict]]:
     """Model configs an attacker could put in model.pt or a checkpoint, one per class of attack."""
     return [
         ("attribute path through an imported module (truncate a file)",
-         {"_target_": "cifar_speedrun.model.torch.os.open", "path": str(victim), "flags": os.O_TRUNC | os.O_WRONLY}),
+         {"_target_": "cifar_speedrun.models.base.torch.os.open", "path": str(victim),
+          "flags": os.O_TRUNC | os.O_WRONLY}),
         ("attribute path to torch.save (overwrite a file)",
-         {"_target_": "cifar_speedrun.model.torch.save", "obj": "owned", "f": str(victim)}),
-        ("attribute path to makedirs", {"_target_": "cifar_speedrun.model.torch.os.makedirs",
+         {"_target_": "cifar_speedrun.models.base.torch.save", "obj": "owned", "f": str(victim)}),
+        ("attribute path to makedirs", {"_target_": "cifar_speedrun.models.base.torch.os.makedirs",
                                         "name": str(victim.parent / "made")}),
         ("torch.load of a second file without weights_only",
-         {"_target_": "cifar_speedrun.model.torch.load", "f": str(payload), "weights_only": False}),
+         {"_target_": "cifar_speedrun.models.base.torch.load", "f": str(payload), "weights_only": False}),
         ("a plain module function", {"_target_": "os.system", "command": f"echo owned > {victim}"}),
         ("a target that is not text", {"_target_": ["os", "system"]}),
         ("nested target in an argument", {"_target_": DAVIDNET,
@@ -112,16 +113,22 @@ def test_every_attack_class_on_a_model_config_builds_nothing(tmp_path: Path, pay
     assert not (tmp_path / "payload-ran").exists()
     # Text is passed as text: an interpolation in a file is never resolved (here: not an activation name).
     with pytest.raises(UserError, match=r"model.activation='\$\{oc.env:HOME\}' is not known"):
-        build_model({"_target_": DAVIDNET, "activation": "${oc.env:HOME}"}, "handed.pt")
+        build_model({"_target_": DAVIDNET, **default_settings("davidnet"), "activation": "${oc.env:HOME}"},
+                    "handed.pt")
 
 
-def test_the_registry_builds_each_family_from_its_plain_config() -> None:
-    net = build_model({"_target_": DAVIDNET, "width": 0.125, "norm": {"kind": "ghost", "ghost_splits": 4}},
-                      "model.pt")
-    assert isinstance(net, DavidNet) and net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
-    airbench = build_model({"_target_": "cifar_speedrun.model.AirbenchNet", "width": 0.125, "widths": [64, 256, 256]},
-                           "model.pt")
-    assert type(airbench).__name__ == "AirbenchNet"
+@pytest.mark.parametrize("family", ["davidnet", "airbench94", "resnet18"])
+def test_the_registry_builds_each_family_from_its_plain_config(family: str) -> None:
+    settings = default_settings(family)
+    settings["width"] = 0.125
+    if "ghost" != settings["norm"]["kind"]:
+        settings["norm"] = {**settings["norm"], "kind": "ghost", "ghost_splits": 4}
+    net = build_model({"_target_": target_of(by_name(family)), **settings}, "model.pt")
+    assert isinstance(net, by_name(family)) and net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    # Files written before the models/ package name the old module; they still load.
+    if family != "resnet18":
+        old = {"davidnet": "cifar_speedrun.model.DavidNet", "airbench94": "cifar_speedrun.model.AirbenchNet"}[family]
+        assert isinstance(build_model({"_target_": old, **settings}, "old.pt"), by_name(family))
 
 
 def _model_file(path: Path, config: dict, state: dict | None = None) -> Path:
@@ -158,7 +165,7 @@ def test_a_hostile_model_file_or_checkpoint_through_load_model_and_eval_is_refus
 TINY_CPU = ["trainer=cpu", "data.source=image_folder", "model.width=0.125", "data.test_subset=300",
             "trainer.enable_progress_bar=false"]
 SWEEPS = {
-    "experiments": ["experiment=page_baseline,page_final,airbench94,airbench94_muon", "data.subset=1024",
+    "experiments": ["experiment=page_baseline,page_final,airbench94,airbench94_muon,resnet18", "data.subset=1024",
                     "data.batch_size=256", "epochs=3"],
     "averaging": ["+trick=ema,lookahead", "data.subset=512", "data.batch_size=128", "epochs=3",
                   "optim.schedule.epochs=[0,1,3]", "callbacks.checkpoint.save_top_k=-1",
@@ -201,7 +208,8 @@ def test_eval_of_last_ckpt_and_model_pt_reproduces_every_runs_own_accuracy(swept
                     paths.append(str(file))
                     expected[str(file)] = record["test_acc"]
     with_ckpt = [p for p in paths if p.endswith("last.ckpt")]
-    assert len(with_ckpt) == 6, "the averaging sweep keeps each epoch's file instead (next test)"
+    # 5 experiments + 2 shorter runs; the averaging sweep keeps each epoch's file instead (next test).
+    assert len(with_ckpt) == 7, with_ckpt
     result = _eval_process(["-m", _sweep_of("ckpt_path", paths), "trainer=cpu", f"hydra.sweep.dir={tmp_path}/ev"],
                            tmp_path, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -573,7 +581,7 @@ def test_the_classifier_takes_uint8_or_unit_floats_and_refuses_the_rest(tmp_path
     from cifar_speedrun.model_file import Classifier
 
     torch.manual_seed(0)
-    net = DavidNet(width=0.125)
+    net = build("davidnet", width=0.125)
     classifier = Classifier(net, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7), CIFAR10_CLASSES)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     logits = classifier(images)
@@ -617,9 +625,10 @@ def _smoke_model_file(tmp_path: Path) -> dict:
     """A real model.pt's contents (a tiny DavidNet), to be edited into hostile variants."""
     from cifar_speedrun.model_file import save_model_file
 
-    net = DavidNet(width=0.125)
+    net = build("davidnet", width=0.125)
     path = tmp_path / "real.pt"
-    save_model_file(str(path), net, {"_target_": DAVIDNET, "width": 0.125}, [125.0] * 3, [63.0] * 3, CIFAR10_CLASSES,
+    config = {"_target_": DAVIDNET, **default_settings("davidnet"), "width": 0.125}
+    save_model_file(str(path), net, config, [125.0] * 3, [63.0] * 3, CIFAR10_CLASSES,
                     {"flip": False}, {}, {"source": "image_folder", "path": "/nowhere.tar.gz"}, "32-true")
     return torch.load(path, weights_only=True)
 
@@ -633,9 +642,10 @@ def _nested(depth: int) -> list:
 
 @pytest.mark.parametrize("edit,message", [
     ({"model_config": {"_target_": DAVIDNET, "width": 200.0}}, "values, more than"),
-    ({"model_config": {"_target_": DAVIDNET, "num_classes": 10**10}}, "values, more than"),
+    ({"model_config": {"_target_": DAVIDNET, "num_classes": 10**10}}, "num_classes=10000000000 is not known"),
     ({"model_config": {"_target_": DAVIDNET, "width": 2.0}}, "weights do not fit"),
-    ({"model_config": {"_target_": DAVIDNET, "whitening": {"enabled": True, "kernel_size": 300}}}, "values, more than"),
+    ({"model_config": {"_target_": DAVIDNET, "whitening": {"enabled": True, "kernel_size": 300}}},
+     "whitening.kernel_size=300 must be an integer in"),
     ({"model_config": {"_target_": DAVIDNET, "norm": _nested(100)}}, "nested deeper than"),
     ({"model_config": {"_target_": DAVIDNET, "activation": "x" * 100_000}}, "characters of text"),
     ({"model_config": {"_target_": DAVIDNET, "width": "1"}}, "do not build a DavidNet"),
@@ -651,7 +661,10 @@ def _nested(depth: int) -> list:
         "negative test subset", "unknown precision"])
 def test_every_field_of_a_model_file_is_checked_before_use(edit: dict, message: str, tmp_path: Path, monkeypatch,
                                                            capsys) -> None:
-    blob = {**_smoke_model_file(tmp_path), **edit}
+    blob = _smoke_model_file(tmp_path)
+    if "model_config" in edit:  # one setting of the real config changed
+        edit = {"model_config": {**blob["model_config"], **edit["model_config"]}}
+    blob = {**blob, **edit}
     torch.save(blob, tmp_path / "edited.pt")
     with pytest.raises(UserError, match=message):
         load_model(str(tmp_path / "edited.pt"))
@@ -684,7 +697,7 @@ def test_skipped_members_count_against_the_bytes_read_and_long_names_are_skipped
 
 
 def test_an_archive_file_larger_than_any_cifar_archive_is_not_read(tmp_path: Path, monkeypatch) -> None:
-    from cifar_speedrun.data import source_identity
+    from cifar_speedrun.sources import source_identity
 
     monkeypatch.setattr(archive_lib, "MAX_ARCHIVE_BYTES", 1000)
     big = tmp_path / "big.tar.gz"
@@ -743,7 +756,7 @@ def test_train_into_a_folder_in_use_is_refused_before_anything_is_written(argv, 
     (["--config-name", "eval"], "--config-name is not taken here"),
     (["--frobnicate"], "unknown flag --frobnicate"),
     (["trainer.accelerator=cuda"], "but this machine has no CUDA device"),
-    (["trainer.accelerator=mps"], "trainer.accelerator=mps is not supported here"),
+    (["trainer.accelerator=mps"], "trainer.accelerator='mps' is not known; use auto, cpu, gpu, cuda"),
 ], ids=["config dir", "config name", "unknown flag", "cuda without cuda", "mps"])
 def test_flags_and_devices_that_cannot_run_are_one_line(argv, message, tmp_path: Path, monkeypatch, capsys) -> None:
     if "cuda" in " ".join(argv) and torch.cuda.is_available():

@@ -16,7 +16,8 @@ from conftest import REPO, TINY, run_train
 from wandb_records import summarize
 
 from cifar_speedrun import report as report_lib
-from cifar_speedrun.tracking import config_key, run_name
+from cifar_speedrun.hydra_job import config_key
+from cifar_speedrun.tracking import run_name
 
 
 def _wandb_run(folder: Path) -> dict:
@@ -197,8 +198,8 @@ def test_a_finished_checkpoint_is_refused_for_training(trained_run, tmp_path: Pa
 def test_model_file_loads_and_classifies(trained_run, real_data, tmp_path: Path) -> None:
     from PIL import Image
 
-    from cifar_speedrun.data import select_subset
     from cifar_speedrun.model_file import load_model
+    from cifar_speedrun.sources import select_subset
 
     run_dir, _ = trained_run
     model = load_model(str(run_dir / "model.pt"))

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 from cifar_speedrun import storage
+from cifar_speedrun.devices import device_name
 
 
 def _synchronize(device: torch.device) -> None:
@@ -35,7 +36,7 @@ class TrainTimer(Callback):
     training seconds, and the first time the accuracy reaches `target_acc`.
     """
 
-    def __init__(self, target_acc: float = 0.94, monitor: str = "test/acc") -> None:
+    def __init__(self, *, target_acc: float, monitor: str = "test/acc") -> None:
         self.target_acc = float(target_acc)
         self.monitor = monitor
         self.train_seconds = 0.0
@@ -274,8 +275,8 @@ class ModelFileWriter(Callback):
         self.path = storage.join(output_dir, filename)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from cifar_speedrun.data import CIFAR10_CLASSES
         from cifar_speedrun.model_file import DATA_FROM_RUN, save_model_file
+        from cifar_speedrun.sources import CIFAR10_CLASSES
 
         if not trainer.is_global_zero:
             return
@@ -324,12 +325,6 @@ def code_version() -> str:
         return f"cifar_speedrun {version('cifar_speedrun')} (installed, no git checkout)"
     except Exception:
         return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class ResultsWriter(Callback):
@@ -545,7 +540,7 @@ class EMA(_GuardedAveraging):
     final test accuracy and any saved model are the EMA's.
     """
 
-    def __init__(self, momentum: float = 0.99, every_n_steps: int = 5, use_buffers: bool = True) -> None:
+    def __init__(self, *, momentum: float, every_n_steps: int, use_buffers: bool = True) -> None:
         self.momentum = float(momentum)
         self.every_n_steps = int(every_n_steps)
         self.decay = self.momentum**self.every_n_steps
@@ -569,8 +564,8 @@ class Lookahead(_GuardedAveraging):
     averaged with the weights. Built on the same Lightning/torch averaging as `EMA`.
     """
 
-    def __init__(self, decay_base: float = 0.95, decay_pow: float = 3.0, every_n_steps: int = 5,
-                 start_epochs: int = 3, use_buffers: bool = True) -> None:
+    def __init__(self, *, decay_base: float, decay_pow: float, every_n_steps: int, start_epochs: int,
+                 use_buffers: bool = True) -> None:
         self.decay_base, self.decay_pow = float(decay_base), float(decay_pow)
         self.every_n_steps, self.start_epochs = int(every_n_steps), int(start_epochs)
         self.decay = 0.0  # the decay of the next update

@@ -1,4 +1,4 @@
-"""Config plumbing: where conf/ is, resolvers, and the checks that refuse a bad run before it starts.
+"""The command line and the composed config: where conf/ is, and the checks that refuse a bad run before it starts.
 
 The checks turn mistakes into one line naming the fix (`UserError`), before any data is loaded or
 any GPU time is spent.
@@ -6,7 +6,6 @@ any GPU time is spent.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -222,143 +221,12 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
     return RunFolders(run_dir, chosen, multirun, sum(len(batch) for batch in jobs) if multirun else 1, numbered)
 
 
-def _on_cuda(accelerator: str) -> bool:
-    """The run is meant for CUDA: asked for (gpu, cuda), or auto on a machine that has it."""
-    import torch
-
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def auto_mixed_precision(accelerator: str, on_cpu: str = "bf16-mixed") -> str:
-    """fp16 autocast (with a GradScaler) on CUDA, where tensor cores make it pay; `on_cpu` on a CPU."""
-    return "16-mixed" if _on_cuda(accelerator) else str(on_cpu)
-
-
-def wandb_group(task_name: str) -> str | None:
-    """Runs of one multirun share a W&B group: '<task>-<sweep option>-<sweep dir name (its time)>'."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        return None
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    sweep = hydra_cfg.runtime.choices.get("sweep") or "multirun"
-    return f"{task_name}-{sweep}-{Path(str(hydra_cfg.sweep.dir)).name}"
-
-
-def run_name_resolver(*, _root_: DictConfig) -> str:
-    """W&B run name: what differs between jobs first (tracking.run_name); works in single runs too."""
-    from cifar_speedrun.tracking import job_overrides, run_name
-
-    return run_name(job_overrides(), _root_.get("seed"))
-
-
-def run_tags_resolver(*, _root_: DictConfig) -> list[str]:
-    """W&B tags: the applied tricks, then the user's own `tags=[...]`."""
-    tricks = list(_root_.get("applied_tricks") or {})
-    own = [str(tag) for tag in (_root_.get("tags") or [])]
-    return tricks + [tag for tag in own if tag not in tricks]
-
-
-def register_resolvers() -> None:
-    from cifar_speedrun.tracking import is_terminal
-
-    resolvers = {"wandb_group": wandb_group, "run_name": run_name_resolver, "run_tags": run_tags_resolver,
-                 "auto_mixed_precision": auto_mixed_precision, "is_terminal": is_terminal,
-                 "ceil": lambda value: math.ceil(float(value))}
-    for name, function in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)
-
-
 def validate(cfg: DictConfig) -> None:
-    """Refuse impossible settings and combinations before anything is built or loaded.
+    """Refuse unknown keys, bad values and impossible combinations before anything is built or loaded.
 
-    First the schema (schema.py: every key known, typed and in range), then the rules that tie keys
-    together.
+    The typed sections and their cross-key rules are in settings.py (pydantic); this is the entry point
+    train.py and the tests call.
     """
-    from cifar_speedrun import schema
+    from cifar_speedrun.settings import check_train
 
-    schema.check(cfg)
-    batch = int(cfg.data.batch_size)
-    epochs = cfg.epochs
-    max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs != math.ceil(epochs):
-        raise UserError(
-            f"trainer.max_epochs={max_epochs} differs from epochs={epochs}: set epochs={max_epochs} instead "
-            "(the LR schedule and everything else that depends on the run's length follow `epochs`)"
-        )
-    from cifar_speedrun.module import check_schedule, resolve_knots
-
-    written = list(cfg.optim.schedule.epochs)
-    schedule_epochs = resolve_knots(written, epochs)
-    schedule_factors = list(cfg.optim.schedule.factors)
-    try:
-        check_schedule(schedule_epochs, schedule_factors)
-    except UserError as error:
-        if written == schedule_epochs:
-            raise
-        raise UserError(f"{error} (optim.schedule.epochs={written} at epochs={epochs} gives "
-                        f"{[round(k, 4) for k in schedule_epochs]}: raise epochs or give the knots)") from None
-    if schedule_epochs[0] < 0:
-        raise UserError(f"optim.schedule.epochs={schedule_epochs} starts before epoch 0")
-    if schedule_epochs[-1] > epochs:
-        raise UserError(
-            f"optim.schedule.epochs ends at {schedule_epochs[-1]:g} but the run has epochs={epochs}: the "
-            f"schedule would be cut off; set epochs={schedule_epochs[-1]:g} or write the knots in `epochs` "
-            "(e.g. [0,epochs/5,epochs])"
-        )
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise UserError(f"trainer.accelerator={accelerator} is not supported here: use auto, cpu or gpu (CUDA)")
-    import torch
-
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA device: use trainer=cpu "
-                        "(or trainer.accelerator=auto)")
-    for key, off in (("gradient_clip_val", None), ("accumulate_grad_batches", 1)):
-        if cfg.trainer.get(key, off) not in (off, 0, None) and not (key == "accumulate_grad_batches"
-                                                                      and cfg.trainer.get(key) == 1):
-            raise UserError(f"trainer.{key}={cfg.trainer.get(key)} is not taken: the training step is written out "
-                            "(module.py, manual optimization, no host sync) without gradient clipping or accumulation; "
-                            f"drop trainer.{key} (a larger batch: data.batch_size)")
-    precision = str(cfg.trainer.get("precision"))
-    if precision in ("16-mixed", "16") and not _on_cuda(str(cfg.trainer.get("accelerator", "auto"))):
-        raise UserError(f"trainer.precision={precision} is fp16 autocast, which needs CUDA (Lightning would run "
-                        "bf16-mixed instead): on this machine use trainer.precision=bf16-mixed or 32-true, or "
-                        "trick=mixed_precision, which picks the precision for the device")
-    devices = cfg.trainer.get("devices", 1)
-    world = devices if isinstance(devices, int) and devices > 0 else 1
-    num_nodes = cfg.trainer.get("num_nodes", 1) or 1
-    world *= num_nodes
-    if batch % world:
-        raise UserError(f"data.batch_size={batch} is not divisible by the {world} devices: use a multiple of {world}")
-    norm = cfg.model.get("norm") or {}
-    if norm.get("kind") == "ghost":
-        splits = norm.ghost_splits
-        per_rank = batch // world
-        if per_rank % splits:
-            raise UserError(
-                f"ghost_bn splits each batch into model.norm.ghost_splits={splits}, but the per-device batch is "
-                f"{per_rank}: use a batch size divisible by {splits} (Page: 512 = 16 x 32)"
-            )
-    if cfg.data.source == "image_folder" and not cfg.data.path:
-        raise UserError(
-            "data.source=image_folder needs data.path=/path/to/cifar10.tar.gz (or export CIFAR10_ARCHIVE)"
-        )
-    data = cfg.data
-    if data.crop_size > 32 + 2 * data.translate:
-        raise UserError(f"data.crop_size={data.crop_size} is larger than the {32 + 2 * data.translate}px padded image "
-                        f"(32 + 2 x data.translate={data.translate}): lower data.crop_size or raise data.translate")
-    if data.cutout and data.cutout_size >= data.crop_size:
-        raise UserError(f"data.cutout_size={data.cutout_size} would blank the whole {data.crop_size}px crop: use a "
-                        f"smaller square (Page: 8, then 5) or data.cutout=false")
-    subset = cfg.data.subset
-    if subset is not None and subset < batch:
-        raise UserError(
-            f"data.subset={subset} is smaller than data.batch_size={batch}: no full batch to train on; "
-            "lower data.batch_size or raise data.subset"
-        )
+    check_train(cfg)

@@ -13,7 +13,6 @@ training run's folder.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import os
 import re
 import sys
@@ -24,20 +23,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import run_lock, schema, storage, tracking
-from cifar_speedrun.data import (
-    CIFAR10_CLASSES,
-    PAGE_MEAN,
-    PAGE_STD,
-    EvalBatches,
-    channel_stats,
-    load_cifar10_uint8,
-    select_subset,
-    standardize,
-)
+from cifar_speedrun import hydra_job, resolvers, run_lock, storage, tracking
+from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, EvalBatches, channel_stats, standardize
+from cifar_speedrun.devices import device_name
 from cifar_speedrun.errors import UserError, find_user_error, full_error
 from cifar_speedrun.model_file import DATA_FROM_RUN, build_model, check_record, is_model_file, load_weights
-from cifar_speedrun.module import tta_logits
+from cifar_speedrun.settings import check_eval
+from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8, select_subset
+from cifar_speedrun.tta import tta_logits
 
 # Tricks that change how a trained network is evaluated; the others change training.
 EVAL_TRICKS = ("tta",)
@@ -49,13 +42,10 @@ TRAINING_GROUPS = ("model", "optim", "logger", "callbacks", "experiment", "stage
 
 
 def _load_blob(path: str) -> Any:
-    if not storage.exists(path):
-        raise UserError(f"ckpt_path={path} does not exist: give <run>/checkpoints/last.ckpt or <run>/model.pt")
-    try:
-        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"ckpt_path={path} is not a checkpoint or model file of this project "
-                        f"({type(error).__name__}): give <run>/checkpoints/last.ckpt or <run>/model.pt") from None
+    return storage.load_data_file(
+        path, "ckpt_path={path} does not exist: give <run>/checkpoints/last.ckpt or <run>/model.pt",
+        "ckpt_path={path} is not a checkpoint or model file of this project ({error}): give "
+        "<run>/checkpoints/last.ckpt or <run>/model.pt")
 
 
 def _trained_model(path: str) -> dict[str, Any]:
@@ -100,13 +90,7 @@ def _trained_model(path: str) -> dict[str, Any]:
 
 def _given_on_command_line() -> set[str]:
     """The `data.*` keys this eval run's command line sets (they win over the checkpoint's)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return set()
-    return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
+    return {override.lstrip("+~").split("=", 1)[0] for override in hydra_job.job_overrides()}
 
 
 def data_settings(cfg: DictConfig, recorded: dict[str, Any], given: set[str]) -> dict[str, Any]:
@@ -160,7 +144,7 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     if extra:
         raise UserError(f"trick {extra[0]!r} changes training, not evaluation: eval.py takes only "
                         f"{', '.join(EVAL_TRICKS)} (the model is evaluated as it was trained)")
-    schema.check(cfg, schema.EVAL)
+    check_eval(cfg)
     path = str(cfg.ckpt_path)
     trained = _trained_model(path)
     tta = dict(trained["tta"])
@@ -208,7 +192,7 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
         "trained": trained["trained"], "data_source": f"CIFAR-10 {source}"
         + (f" {os.path.basename(str(data_cfg['path']))}" if source == "image_folder" else ""),
         "data": {key: data_cfg.get(key) for key in DATA_FROM_RUN}, "precision": precision,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "classes": list(CIFAR10_CLASSES),
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -261,7 +245,7 @@ def eval_arguments(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    config_lib.register_resolvers()
+    resolvers.register_resolvers()
     tracking.quiet_console()
     try:
         args = eval_arguments(sys.argv[1:])

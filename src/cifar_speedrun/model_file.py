@@ -13,7 +13,6 @@ the file. Use it without Hydra or Lightning:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from cifar_speedrun import storage
+from cifar_speedrun.augment import standardize
 from cifar_speedrun.errors import UserError
 
 FORMAT = "cifar_speedrun.model/1"
@@ -96,9 +96,9 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (uint8 0-255, or float in [0, 1]) -> logits (N, classes), with TTA as trained."""
-        from cifar_speedrun.module import tta_logits
+        from cifar_speedrun.tta import tta_logits
 
-        x = (self._pixels(images) - self.mean) / self.std
+        x = standardize(self._pixels(images), self.mean, self.std)
         return tta_logits(self.net, x, bool(self.tta.get("flip", False)), bool(self.tta.get("translate", False)),
                           str(self.tta.get("reduce", "logits")))
 
@@ -192,27 +192,25 @@ def build_model(config: Any, source: str, state_dict: dict[str, Any] | None = No
     """The network a file describes, built only from the project's model families and plain settings.
 
     `config` is a model config read from a file someone handed over (model.pt's, or the config a
-    checkpoint stores). Its `_target_` must name one of `model.MODEL_FAMILIES` exactly; every other
-    key must be a keyword of that class and hold plain data. The class is called directly: no
+    checkpoint stores). Its `_target_` must name one of `models.FAMILIES` exactly; every other
+    key must be a key of that family's typed settings and hold plain data. The class is called directly: no
     Hydra `instantiate`, no import of any path the file names, no interpolation. It is first built
     on PyTorch's meta device (no memory), where its size is checked against `MAX_PARAMETERS` and,
     given `state_dict`, its every tensor's shape against the file's own weights: a file cannot make
     this allocate more than the weights it carries. Anything else is refused in one line naming `source`.
     """
-    from cifar_speedrun.model import MODEL_FAMILIES
+    from cifar_speedrun.models import FAMILIES
 
     if not isinstance(config, dict):
         raise UserError(f"{source} holds no model config (found a {type(config).__name__}): give a model.pt or "
                         "last.ckpt written by this project's train.py")
     target = config.get("_target_")
-    family = MODEL_FAMILIES.get(target) if isinstance(target, str) else None
+    family = FAMILIES.get(target) if isinstance(target, str) else None
     if family is None:
-        known = ", ".join(name.rsplit(".", 1)[-1] for name in MODEL_FAMILIES)
+        known = ", ".join(sorted({cls.__name__ for cls in FAMILIES.values()}))
         raise UserError(f"{source} names the model {str(target)[:80]!r}, which is not one of this project's model "
                         f"families ({known}): refusing to build it")
-    import inspect
-
-    accepted = {name for name in inspect.signature(family).parameters if not name.startswith("_")}
+    accepted = {info.alias or name for name, info in family.settings_class.model_fields.items()}
     settings = {}
     budget = _Budget(source)
     for key, value in config.items():
@@ -225,8 +223,9 @@ def build_model(config: Any, source: str, state_dict: dict[str, Any] | None = No
     try:
         with torch.device("meta"):
             probe = family(**settings)
-    except UserError:
-        raise
+    except UserError as error:
+        raise UserError(f"{source}: its model settings do not build a {family.__name__} ({error}): the file was "
+                        "edited or is not from train.py") from None
     except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError, KeyError, AttributeError) as error:
         raise UserError(f"{source}: its model settings do not build a {family.__name__} ({type(error).__name__}: "
                         f"{str(error)[:120]}): the file was edited or is not from train.py") from None
@@ -319,13 +318,9 @@ def is_model_file(blob: Any) -> bool:
 
 def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
     """Build the network from the file's own config and load its weights; nothing else is needed."""
-    try:
-        blob = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"model file {path} does not exist: it is written as <run dir>/model.pt") from None
-    except Exception as error:
-        raise UserError(f"{path} is not a cifar_speedrun model file ({type(error).__name__}): give the "
-                        "model.pt written at the end of a run") from None
+    blob = storage.load_data_file(path, "model file {path} does not exist: it is written as <run dir>/model.pt",
+                                  "{path} is not a cifar_speedrun model file ({error}): give the model.pt written at "
+                                  "the end of a run")
     if not is_model_file(blob):
         raise UserError(f"{path} is not a cifar_speedrun model file: give the model.pt written at the end of a run")
     check_record(blob, path)

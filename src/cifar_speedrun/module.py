@@ -1,4 +1,4 @@
-"""The training recipe as a LightningModule: loss, SGD + piecewise-linear LR, metrics, TTA.
+"""The training recipe as a LightningModule: loss, optimizer and LR schedule, the step, metrics.
 
 Loss scaling (Page part 1 / cifar10-fast): Page sums the loss over the batch and divides the learning
 rate by the batch size N (lr = 0.4/512, weight decay = 5e-4 * 512). We take the mean loss instead and
@@ -12,151 +12,29 @@ loss per example and lets `label_smoothing` and friends use PyTorch's standard l
 
 from __future__ import annotations
 
-import ast
 import math
-import operator
 import time
-from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_method
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.optim import effective_hyperparameters  # noqa: F401  (re-exported: Page's formulas)
+from cifar_speedrun.models import ModelFamily
+from cifar_speedrun.optim import OPTIMIZERS
+from cifar_speedrun.schedule import PiecewiseLinear, check_schedule, group_schedules, resolve_knots
 from cifar_speedrun.train_metrics import EpochMetrics
+from cifar_speedrun.tta import tta_logits
 
 
-class PiecewiseLinear:
-    """LR multiplier as a function of the optimizer step: linear between (epoch, value) points.
-
-    A class, not a lambda, so LambdaLR can save it in checkpoints. Step k (0-based) is the k-th
-    optimizer update and uses the schedule at (k + 1) / steps_per_epoch epochs: cifar10-fast's
-    optimizer increments its step counter before it looks the lr up, so its first update also uses
-    the value one step in (never lr 0) and its last lands exactly on the final point. Outside the
-    points the value is held (np.interp), as in cifar10-fast's PiecewiseLinear.
-    """
-
-    def __init__(self, epochs: Sequence[float], values: Sequence[float], steps_per_epoch: int) -> None:
-        self.epochs = [float(e) for e in epochs]
-        self.values = [float(v) for v in values]
-        self.steps_per_epoch = int(steps_per_epoch)
-
-    def at_epoch(self, epoch: float) -> float:
-        return float(np.interp(epoch, self.epochs, self.values))
-
-    def __call__(self, step: int) -> float:
-        return self.at_epoch((step + 1) / self.steps_per_epoch)
-
-
-_KNOT_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def resolve_knots(knots: Sequence[float | int | str], epochs: float) -> list[float]:
-    """The schedule's knots as numbers of epochs; each knot is a number or arithmetic in `epochs`.
-
-    Page writes his schedules relative to the run, PiecewiseLinear([0, epochs/5, epochs - ema_epochs],
-    ...), so changing the number of epochs keeps the shape of the schedule. The configs do the same:
-    `[0, epochs/5, epochs - 2]` reads like his code and follows `epochs=N`; plain numbers stay fixed.
-    Only numbers, `epochs`, + - * / and parentheses are accepted (parsed with `ast`, never eval'd).
-    """
-
-    def value(node: ast.AST, text: str) -> float:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return float(node.value)
-        if isinstance(node, ast.Name) and node.id == "epochs":
-            return float(epochs)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            inner = value(node.operand, text)
-            return -inner if isinstance(node.op, ast.USub) else inner
-        if isinstance(node, ast.BinOp) and type(node.op) in _KNOT_OPERATORS:
-            left, right = value(node.left, text), value(node.right, text)
-            if isinstance(node.op, ast.Div) and right == 0:
-                raise UserError(f"optim.schedule.epochs knot {text!r} divides by zero")
-            return _KNOT_OPERATORS[type(node.op)](left, right)
-        raise UserError(
-            f"optim.schedule.epochs knot {text!r} is not a number or an expression in `epochs` "
-            "(use numbers, epochs, + - * /, e.g. [0,epochs/5,epochs])"
-        )
-
-    resolved = []
-    for knot in knots:
-        if isinstance(knot, bool):
-            raise UserError(f"optim.schedule.epochs knot {knot!r} is not a number")
-        if isinstance(knot, (int, float)):
-            resolved.append(float(knot))
-            continue
-        text = str(knot).strip()
-        try:
-            tree = ast.parse(text, mode="eval")
-        except SyntaxError:
-            raise UserError(
-                f"optim.schedule.epochs knot {text!r} is not a number or an expression in `epochs` "
-                "(e.g. [0,epochs/5,epochs])"
-            ) from None
-        resolved.append(value(tree.body, text))
-    return resolved
-
-
-def check_schedule(epochs: Sequence[float], values: Sequence[float]) -> None:
-    if len(epochs) != len(values) or len(epochs) < 2:
-        raise UserError(
-            f"optim.schedule has {len(epochs)} epochs and {len(values)} factors; give two or more "
-            "(epoch, value) points of equal length, e.g. epochs=[0,5,24] factors=[0,1,0]"
-        )
-    if any(b < a for a, b in zip(epochs, epochs[1:], strict=False)):
-        raise UserError(f"optim.schedule.epochs={list(epochs)} are out of order; list them increasing")
-    if any(v < 0 for v in values):
-        raise UserError(f"optim.schedule.factors={list(values)} has a negative learning-rate factor")
-
-
-def group_schedules(built: Any, run_schedule: PiecewiseLinear, epochs: float) -> list[PiecewiseLinear]:
-    """One lr multiplier per parameter group of `built.optimizer` (an optim.Built): the run's schedule,
-    or the group's own knots where the recipe gives it some (airbench's whitening bias)."""
-    schedules = []
-    for group in built.optimizer.param_groups:
-        own = built.group_knots.get(group.get("name", ""))
-        schedules.append(run_schedule if own is None else
-                         PiecewiseLinear(resolve_knots(own[0], epochs), own[1], run_schedule.steps_per_epoch))
-    return schedules
-
-
-def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,
-               reduce: str = "logits") -> torch.Tensor:
-    """Average of the network's outputs over cheap symmetries of the test image.
-
-    flip: the image and its horizontal mirror, averaged (Page part 8: cifar10-fast's forward_tta
-    takes the mean of the views' logits). translate: airbench's TTA level 2, the untranslated views
-    and the same views shifted by one pixel (reflect-padded) up-left and down-right, weighted as
-    airbench94's `infer`: 0.5 x mean(untranslated) + 0.5 x mean(translated), so with flip the two
-    untranslated views weigh 1/4 each and the four shifted ones 1/8. `reduce` chooses what is
-    averaged: raw logits (both recipes), or log-softmax (log-probabilities).
-    """
-
-    def outputs(views: list[torch.Tensor]) -> torch.Tensor:
-        results = [net(view).float() for view in views]
-        if reduce == "log_softmax":
-            results = [F.log_softmax(out, dim=1) for out in results]
-        elif reduce != "logits":
-            raise UserError(f"tta.reduce={reduce!r} is not known; use logits or log_softmax")
-        return torch.stack(results).mean(dim=0)
-
-    plain = [images, images.flip(-1)] if flip else [images]
-    untranslated = outputs(plain)
-    if not translate:
-        return untranslated
-    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    height, width = images.shape[-2:]
-    shifted = [padded[..., 0:height, 0:width], padded[..., 2:height + 2, 2:width + 2]]
-    if flip:
-        shifted += [view.flip(-1) for view in shifted]
-    return 0.5 * untranslated + 0.5 * outputs(shifted)
+def _hook(net: nn.Module, name: str) -> Any:
+    """A model family's hook (models/base.py); for any other net (a test's nn.Linear), the base behaviour."""
+    return getattr(net, name) if isinstance(net, ModelFamily) else partial(getattr(ModelFamily, name), net)
 
 
 class SpeedrunModule(L.LightningModule):
@@ -174,15 +52,17 @@ class SpeedrunModule(L.LightningModule):
         net: nn.Module,
         optim: dict[str, Any],
         batch_size: int,
-        label_smoothing: float = 0.0,
-        tta: dict[str, Any] | None = None,
-        compile: bool = False,
-        compile_mode: str = "default",
-        channels_last: bool = False,
-        nan_check_every: int = 25,
+        *,
+        label_smoothing: float,
+        tta: dict[str, Any],
+        compile: bool,
+        compile_mode: str,
+        channels_last: bool,
+        nan_check_every: int,
         run_config: dict[str, Any] | None = None,
         epochs: float | None = None,
     ) -> None:
+        """The run's settings, as `from_config` reads them from the config (defaults: conf/train.yaml)."""
         super().__init__()
         self.automatic_optimization = False  # the step below is the whole step
         self.save_hyperparameters(ignore=["net"], logger=False)  # the run logs its Hydra config itself
@@ -197,7 +77,7 @@ class SpeedrunModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.optim_cfg = dict(optim)
         self.batch_size = int(batch_size)
-        self.builder = get_method(str(self.optim_cfg.get("builder", "cifar_speedrun.optim.page_sgd")))
+        self.builder = OPTIMIZERS[str(self.optim_cfg["builder"])][0]  # the name is checked with the config
         built = self.builder(self.net, self.optim_cfg, self.batch_size, "cpu")  # the numbers, before fit
         self.effective = dict(built.effective)
         self.effective["schedule_epochs"] = self.schedule_knots
@@ -218,6 +98,31 @@ class SpeedrunModule(L.LightningModule):
         self.fit_seconds = 0.0
         self.schedule: PiecewiseLinear | None = None
 
+    @classmethod
+    def from_config(cls, cfg: Any, net: nn.Module | None = None, *, optim: dict[str, Any] | None = None,
+                    batch_size: int | None = None, epochs: float | None | str = "run",
+                    run_config: dict[str, Any] | None = None) -> SpeedrunModule:
+        """The module a composed config describes: the one place config keys become its arguments.
+
+        `net` defaults to the config's model; `optim`, `batch_size` and `epochs` replace the config's.
+        """
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        return cls(
+            net=instantiate(cfg.model) if net is None else net,
+            optim=OmegaConf.to_container(cfg.optim, resolve=True) if optim is None else optim,
+            batch_size=int(cfg.data.batch_size if batch_size is None else batch_size),
+            label_smoothing=float(cfg.loss.label_smoothing),
+            tta=OmegaConf.to_container(cfg.tta, resolve=True),
+            compile=bool(cfg.compile.enabled),
+            compile_mode=str(cfg.compile.mode),
+            channels_last=bool(cfg.channels_last),
+            nan_check_every=int(cfg.nan_check_every),
+            run_config=run_config,
+            epochs=float(cfg.epochs) if epochs == "run" else epochs,
+        )
+
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.compile_net:
@@ -232,10 +137,8 @@ class SpeedrunModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        for layer in self.net.modules():
-            fit = getattr(layer, "fit_to_data", None)
-            if callable(fit) and images is not None:
-                fit(images)
+        if images is not None:
+            _hook(self.net, "fit_to_data")(images)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.fit_seconds = time.perf_counter() - start  # counted as training time (callbacks.TrainTimer)
@@ -284,10 +187,7 @@ class SpeedrunModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.epoch_metrics.start_epoch(self.device, self.global_step)
         # Layers with an epoch-dependent state (airbench's whitening bias trains for 3 epochs only).
-        for layer in self.net.modules():
-            set_epoch = getattr(layer, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(self.current_epoch)
+        _hook(self.net, "set_epoch")(self.current_epoch)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch

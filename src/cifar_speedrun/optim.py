@@ -14,13 +14,65 @@ the numbers in use (results.json `effective_optim`), in both forms.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from cifar_speedrun.model import PatchWhitening
+from cifar_speedrun.models import ModelFamily
+from cifar_speedrun.typed_sections import Section
+
+
+class Schedule(Section):
+    """Learning-rate factors at knots in epochs, linear between (schedule.py); knots may be written in `epochs`."""
+
+    epochs: list[Any] = Field(min_length=2, description="numbers or expressions in epochs, e.g. [0,epochs/5,epochs]")
+    factors: list[Annotated[float, Field(ge=0)]] = Field(min_length=2)
+
+
+class PageSGDSettings(Section):
+    builder: Literal["cifar_speedrun.optim.page_sgd"]
+    lr: float = Field(ge=0, description="Page's peak: 0.4 (baseline), 1.0 (final)")
+    weight_decay: float = Field(ge=0, description="Page: 5e-4")
+    momentum: float = Field(ge=0, lt=1, description="Page uses 0.9")
+    nesterov: bool
+    fused: bool
+    schedule: Schedule
+    bias_lr_factor: float = Field(ge=0)
+    bias_wd_factor: float = Field(ge=0)
+    hold_invariant: bool
+    reference_batch_size: int = Field(ge=1)
+    reference_momentum: float = Field(ge=0, lt=1)
+
+
+class AirbenchSGDSettings(Section):
+    builder: Literal["cifar_speedrun.optim.airbench_sgd"]
+    lr_per_1024: float = Field(ge=0, description="airbench94: 11.5")
+    weight_decay_per_1024: float = Field(ge=0, description="airbench94: 0.0153")
+    bias_scaler: float = Field(ge=0, description="airbench94: 64")
+    momentum: float = Field(ge=0, lt=1, description="airbench94: 0.85")
+    nesterov: bool
+    fused: bool
+    schedule: Schedule
+
+
+class MuonSettings(Section):
+    builder: Literal["cifar_speedrun.optim.muon_sgd"]
+    lr: float = Field(ge=0, description="airbench94_muon: 0.24")
+    muon_momentum: float = Field(ge=0, lt=1)
+    ns_steps: int = Field(ge=1, le=20)
+    renormalize: bool
+    momentum: float = Field(ge=0, lt=1)
+    nesterov: bool
+    bias_lr: float = Field(ge=0)
+    head_lr: float = Field(ge=0)
+    width_reference_features: Annotated[float, Field(ge=1)] | None
+    weight_decay_per_example: float = Field(ge=0)
+    whiten_bias_schedule: Schedule | None
+    schedule: Schedule
 
 
 @dataclass
@@ -31,14 +83,10 @@ class Built:
     group_knots: dict[str, tuple[list[Any], list[float]]] = field(default_factory=dict)
 
 
-def norm_biases(net: nn.Module) -> list[nn.Parameter]:
-    """The biases of the normalization layers: Page's and airbench's "bias" group (their nets have no
-    other biases except airbench's whitening bias, which both recipes train with the weights)."""
-    out = []
-    for module in net.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
-            out.append(module.bias)
-    return out
+def roles(net: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The net's parameters by role (models/base.py, ModelFamily.parameter_groups): the one place that
+    says which parameter is a filter, a norm bias, the whitening bias or the head."""
+    return ModelFamily.parameter_groups(net)  # type: ignore[arg-type]  (works on any nn.Module)
 
 
 def _sgd(groups: list[dict[str, Any]], momentum: float, nesterov: bool, device_type: str,
@@ -50,9 +98,11 @@ def _sgd(groups: list[dict[str, Any]], momentum: float, nesterov: bool, device_t
 
 
 def _split(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(norm biases, everything else), all parameters included; frozen ones too, since a parameter may
-    start training later (airbench's whitening bias) and SGD skips those without a gradient."""
-    biases = norm_biases(net)
+    """(norm biases, every other trainable parameter): Page's and airbench's two groups. Their nets have no
+    other biases except airbench's whitening bias, which both recipes train with the weights; frozen
+    parameters that may start training later (that bias) are in too, SGD skips those without a gradient."""
+    by_role = roles(net)
+    biases = by_role["norm_biases"]
     ids = {id(p) for p in biases}
     return biases, [p for p in net.parameters() if id(p) not in ids and p.requires_grad]
 
@@ -72,7 +122,7 @@ def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[st
     those three quantities are unchanged at the batch size and momentum in use.
     """
     lr, wd, momentum = float(optim["lr"]), float(optim["weight_decay"]), float(optim["momentum"])
-    if optim.get("hold_invariant", False):
+    if optim["hold_invariant"]:
         ref_n, ref_rho = float(optim["reference_batch_size"]), float(optim["reference_momentum"])
         scaled_lr = lr * (batch_size / ref_n) * ((1.0 - momentum) / (1.0 - ref_rho))
         wd = wd * lr / scaled_lr  # keep ηα fixed
@@ -93,13 +143,13 @@ def page_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
     effective = effective_hyperparameters(optim, batch_size)
     lr, wd = effective["lr"], effective["weight_decay"]
     biases, weights = _split(net)
-    lr_factor = float(optim.get("bias_lr_factor", 1.0))
-    wd_factor = float(optim.get("bias_wd_factor", 1.0))
+    lr_factor = float(optim["bias_lr_factor"])
+    wd_factor = float(optim["bias_wd_factor"])
     groups = [{"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"},
               {"params": [b for b in biases if b.requires_grad], "lr": lr * lr_factor,
                "weight_decay": wd * wd_factor, "name": "biases"}]
-    optimizer = _sgd(groups, effective["momentum"], bool(optim.get("nesterov", True)), device_type,
-                     bool(optim.get("fused", True)))
+    optimizer = _sgd(groups, effective["momentum"], bool(optim["nesterov"]), device_type,
+                     bool(optim["fused"]))
     return Built(optimizer, effective)
 
 
@@ -137,7 +187,7 @@ def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_
         {"params": weights, "lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
          "name": "weights"},
     ]
-    optimizer = _sgd(groups, momentum, bool(optim.get("nesterov", True)), device_type, bool(optim.get("fused", True)))
+    optimizer = _sgd(groups, momentum, bool(optim["nesterov"]), device_type, bool(optim["fused"]))
     effective = {"lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
                  "momentum": momentum, "batch_size": batch_size, "kilostep_scale": scale,
                  "lr_per_example": lr_example, "bias_lr_per_example": bias_example,
@@ -261,15 +311,14 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
     Nesterov) for the whitening bias, the BN biases (lr 0.053 per example) and the head (0.67), with the
     decoupled shrink 2e-6 x batch per step; the whitening bias's lr decays to 0 over its own epochs.
     Below airbench's width the BN-bias and head lrs are scaled by `head_width_factor`."""
-    filters = [p for name, p in net.named_parameters() if p.ndim == 4 and p.requires_grad]
-    filter_ids = {id(p) for p in filters}
-    biases = [p for p in norm_biases(net) if p.requires_grad]
-    bias_ids = {id(p) for p in biases}
-    whiten_bias = [m.bias for m in net.modules() if isinstance(m, PatchWhitening) and m.bias is not None]
-    whiten_ids = {id(p) for p in whiten_bias}
-    head = [p for p in net.parameters() if p.requires_grad and id(p) not in filter_ids | bias_ids | whiten_ids]
+    by_role = roles(net)
+    filters = [p for p in by_role["filters"] if p.requires_grad]
+    biases = [p for p in by_role["norm_biases"] if p.requires_grad]
+    whiten_bias = by_role["whiten_bias"]
+    # The SGD "head" group: the head and whatever else trains that is neither a filter nor a norm bias.
+    head = [p for role in ("head", "norm_scales", "other") for p in by_role[role] if p.requires_grad]
     shrink = float(optim["weight_decay_per_example"]) * batch_size
-    width_factor = head_width_factor(net, optim.get("width_reference_features"))
+    width_factor = head_width_factor(net, optim["width_reference_features"])
     head_lr = float(optim["head_lr"]) * width_factor
     bias_lr = float(optim["bias_lr"]) * width_factor
 
@@ -285,15 +334,25 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
         sgd_group(head, head_lr, "head"),
     ]
     optimizer = MuonSGD([g for g in groups if g["params"]], momentum=float(optim["momentum"]),
-                        nesterov=bool(optim.get("nesterov", True)), ns_steps=int(optim["ns_steps"]),
-                        renormalize=bool(optim.get("renormalize", True)))
+                        nesterov=bool(optim["nesterov"]), ns_steps=int(optim["ns_steps"]),
+                        renormalize=bool(optim["renormalize"]))
     effective = {"lr": float(optim["lr"]), "muon_momentum": float(optim["muon_momentum"]),
                  "momentum": float(optim["momentum"]), "batch_size": batch_size,
                  "whiten_bias_lr_per_example": float(optim["bias_lr"]), "bias_lr_per_example": bias_lr,
                  "head_lr_per_example": head_lr, "width_factor": width_factor,
                  "weight_decay_shrink_per_step": shrink, "ns_steps": int(optim["ns_steps"])}
     group_knots = {}
-    whiten_schedule = optim.get("whiten_bias_schedule")
+    whiten_schedule = optim["whiten_bias_schedule"]
     if whiten_schedule:
         group_knots["whiten_bias"] = (list(whiten_schedule["epochs"]), [float(f) for f in whiten_schedule["factors"]])
     return Built(optimizer, effective, group_knots)
+
+
+# optim.builder -> (the function that builds the optimizer, its typed settings). A new optimizer is a
+# function above, its settings class, a line here and conf/optim/<name>.yaml (docs/contributing.md).
+Builder = Callable[[nn.Module, dict[str, Any], int, str], Built]
+OPTIMIZERS: dict[str, tuple[Builder, type[Section]]] = {
+    "cifar_speedrun.optim.page_sgd": (page_sgd, PageSGDSettings),
+    "cifar_speedrun.optim.airbench_sgd": (airbench_sgd, AirbenchSGDSettings),
+    "cifar_speedrun.optim.muon_sgd": (muon_sgd, MuonSettings),
+}

@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import math
-import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 from scipy import stats
 
-SEED_OVERRIDE = re.compile(r"^seed=")
+from cifar_speedrun.hydra_job import config_key
 
 
 @dataclass
@@ -118,9 +117,7 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, 
 
 
 def _config_key(result: dict[str, Any]) -> str:
-    overrides = str(result.get("overrides") or "").split()
-    kept = [o for o in overrides if not SEED_OVERRIDE.match(o)]
-    return " ".join(kept) or "(defaults)"
+    return config_key(str(result.get("overrides") or ""))  # as the run itself computed it (hydra_job.py)
 
 
 def _job_number(path: Path, root: Path) -> int:

@@ -17,13 +17,14 @@ from typing import Any
 
 import yaml
 
+from cifar_speedrun import hydra_job
 from cifar_speedrun.errors import UserError
 
-# Keys (prefixes) that may differ on resume: how long to train, where things live, how it is logged.
-CHANGEABLE = ("epochs", "trainer.max_epochs", "logger", "tags", "data.path", "data.root", "data.cache_dir", "paths.",
-              "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
-              "nan_check_every", "resume", "ckpt_path", "hydra.", "callbacks.results_writer.", "callbacks.checkpoint.",
-              "callbacks.model_file.", "callbacks.lr_logger.", "task_name", "run_keys", "wandb_group")
+# Keys (prefixes) that may differ on resume: how long to train, and the plumbing (hydra_job.PLUMBING:
+# where things live, how it is logged).
+CHANGEABLE = ("epochs", "trainer.max_epochs", *hydra_job.PLUMBING, "trainer.log_every_n_steps",
+              "trainer.default_root_dir", "nan_check_every", "callbacks.results_writer.", "callbacks.model_file.",
+              "callbacks.lr_logger.", "task_name", "run_keys", "wandb_group")
 
 
 def _key(override: str) -> str:

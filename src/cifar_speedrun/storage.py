@@ -245,18 +245,28 @@ def load_tensors(path: str) -> dict[str, Any]:
     return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, loaded as data only (weights_only: a handed file runs no code).
+def load_data_file(path: str, missing: str, unreadable: str) -> Any:
+    """A file of tensors and plain values, loaded as data only (weights_only: a handed file runs no code).
 
-    A torn, foreign or non-checkpoint file is one line naming it; never advice to load it unsafely.
+    The one place a checkpoint or model file is read: a missing file raises UserError(`missing`), a torn,
+    foreign or pickled-code file UserError(`unreadable` with the error's type in brackets); never advice
+    to load it unsafely. `{path}` and `{error}` in the messages are filled in.
     """
+    if not exists(path):
+        raise UserError(missing.format(path=path))
     try:
-        blob = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
+        raise UserError(missing.format(path=path)) from None
     except Exception as error:
-        raise UserError(f"{path} is not a readable checkpoint of this project ({type(error).__name__}): it is "
-                        "torn, foreign or not a checkpoint; give a <run>/checkpoints/last.ckpt") from None
+        raise UserError(unreadable.format(path=path, error=type(error).__name__)) from None
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (load_data_file), refused in one line unless it holds a state_dict."""
+    blob = load_data_file(path, "checkpoint {path} does not exist",
+                          "{path} is not a readable checkpoint of this project ({error}): it is torn, foreign or not "
+                          "a checkpoint; give a <run>/checkpoints/last.ckpt")
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise UserError(f"{path} is not a Lightning checkpoint (no state_dict): give a <run>/checkpoints/last.ckpt")
     return blob

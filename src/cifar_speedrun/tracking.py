@@ -23,39 +23,14 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_speedrun import hydra_job
+from cifar_speedrun.devices import device_name
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.hydra_job import config_key, is_plumbing, job_overrides
 
-# Overrides that say where things are, not what is trained: left out of run names.
-_PLUMBING = ("hydra.", "hydra/", "paths.", "data.path=", "data.root=", "data.cache_dir=", "logger",
-             "trainer.enable_progress_bar=", "tags=", "callbacks.checkpoint", "ckpt_path=", "resume=")
 # Group choices shown by their value alone, in this order, at the front of a run name.
 _NAMED_GROUPS = ("stage", "trick", "experiment", "debug")
 NAME_LENGTH = 64
-
-
-def job_overrides() -> list[str]:
-    """This job's command-line overrides (a sweep's job: its own values), or [] outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
-def hydra_choices() -> dict[str, Any]:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return dict(HydraConfig.get().runtime.choices)
-    except (ValueError, AttributeError):
-        return {}
-
-
-def config_key(overrides: list[str] | str) -> str:
-    """Every override except the seed: the seeds of one configuration share it (report.py groups by it)."""
-    parts = overrides.split() if isinstance(overrides, str) else list(overrides)
-    return " ".join(o for o in parts if not o.lstrip("+").startswith("seed=")) or "(defaults)"
 
 
 def run_name(overrides: list[str], seed: Any) -> str:
@@ -64,7 +39,7 @@ def run_name(overrides: list[str], seed: Any) -> str:
     rest: list[str] = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key == "seed" or override.lstrip("+~").startswith(_PLUMBING):
+        if key == "seed" or is_plumbing(key):
             continue
         if key in _NAMED_GROUPS:
             if key == "trick":
@@ -82,7 +57,7 @@ def run_keys(cfg: DictConfig, parameters: int | None = None) -> dict[str, Any]:
     """The flat keys W&B's grouping, filters and parallel-coordinates panels need."""
     from cifar_speedrun.config import available_options
 
-    choices = hydra_choices()
+    choices = hydra_job.choices()
     tricks = list(cfg.get("applied_tricks") or {})
     keys: dict[str, Any] = {
         "experiment": choices.get("experiment") or "none",
@@ -113,8 +88,8 @@ def readable_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved Hydra config as a user reads it: what is trained, not where files live."""
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
-    for plumbing in ("paths", "hydra", "applied_tricks", "logger", "ckpt_path", "resume"):
-        container.pop(plumbing, None)
+    for key in [key for key in container if (is_plumbing(key) and key != "tags") or key == "applied_tricks"]:
+        container.pop(key)
     callbacks = container.get("callbacks") or {}
     container["callbacks"] = {name: {k: v for k, v in (settings or {}).items()
                                      if k not in ("output_dir", "dirpath", "root_dir", "filename")}
@@ -231,11 +206,7 @@ class StartLine(Callback):
         used = steps * batches.batch_size * batches.world_size
         parameters = sum(p.numel() for p in pl_module.net.parameters())
         device = pl_module.device
-        where = (f"{device.type}" if device.type != "cpu" else f"cpu ({_threads()} threads)")
-        if device.type == "cuda":
-            import torch
-
-            where = torch.cuda.get_device_name(device)
+        where = device_name(device)
         active, inactive = tricks_in_effect(self.tricks, str(trainer.precision))
         off = f" (not in effect at {trainer.precision}: {', '.join(inactive)})" if inactive else ""
         self.line = (

@@ -16,13 +16,11 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun import config as config_lib
-from cifar_speedrun import interrupts, run_lock, storage, tracking
+from cifar_speedrun import hydra_job, interrupts, resolvers, run_lock, storage, tracking
 from cifar_speedrun import resume as resume_lib
 from cifar_speedrun.callbacks import ResultsWriter
 from cifar_speedrun.csv_log import ResumableCSVLogger
@@ -38,12 +36,7 @@ def _describe_data(cfg: DictConfig) -> str:
 
 
 def _hydra_context() -> tuple[str, bool]:
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        return "", False
-    overrides = " ".join(hydra_cfg.overrides.task)
-    return overrides, hydra_cfg.mode == RunMode.MULTIRUN
+    return " ".join(hydra_job.job_overrides()), hydra_job.is_multirun()
 
 
 def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
@@ -146,21 +139,9 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
         "overrides": overrides,
         "data_source": _describe_data(cfg),
         "run_keys": keys,
-        "wandb_group": config_lib.wandb_group(str(cfg.task_name)),
+        "wandb_group": resolvers.wandb_group(str(cfg.task_name)),
     }
-    module = SpeedrunModule(
-        net=net,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        batch_size=int(cfg.data.batch_size),
-        label_smoothing=float(cfg.loss.label_smoothing),
-        tta=OmegaConf.to_container(cfg.tta, resolve=True),
-        compile=bool(cfg.compile.enabled),
-        compile_mode=str(cfg.compile.mode),
-        channels_last=bool(cfg.channels_last),
-        nan_check_every=int(cfg.nan_check_every),
-        run_config=run_config,
-        epochs=float(cfg.epochs),
-    )
+    module = SpeedrunModule.from_config(cfg, net, run_config=run_config)
     eff = module.effective
     numbers = ", ".join(f"{key} {value:.4g}" for key, value in eff.items()
                         if isinstance(value, float) and key not in ("schedule_epochs", "schedule_factors"))
@@ -307,7 +288,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry: signals, quick checks of the command line, resume's own settings, then Hydra."""
     interrupts.raise_on_signals()
-    config_lib.register_resolvers()
+    resolvers.register_resolvers()
     tracking.quiet_console()
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")

@@ -1,0 +1,72 @@
+"""The model families: one file each, one interface (base.py), found by name in one table.
+
+`FAMILIES` maps the `_target_` a config or a model file names to the class. It is filled by defining
+the classes, and every module of this package is imported here, so a new family is a new file in
+this folder plus its conf/model/<name>.yaml: nothing else lists the families.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cifar_speedrun.models.base import FAMILIES, ModelFamily, ModelSettings, target_of
+from cifar_speedrun.models.layers import count_parameters
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+CONF_MODEL_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
+
+
+def by_name(name: str) -> type[ModelFamily]:
+    """The family `model=<name>` chooses."""
+    for family in FAMILIES.values():
+        if family.name == name:
+            return family
+    known = sorted({family.name for family in FAMILIES.values()})
+    raise KeyError(f"no model family {name!r}; known: {', '.join(known)}")
+
+
+def default_settings(name: str, seed: int = 0) -> dict[str, Any]:
+    """conf/model/<name>.yaml's settings (its `${seed}` as `seed`): the one place a family's defaults live."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(CONF_MODEL_DIR / f"{name}.yaml")
+    resolved = OmegaConf.to_container(OmegaConf.merge({"seed": seed, "model": node}), resolve=True)
+    settings = dict(resolved["model"])  # type: ignore[index]
+    settings.pop("_target_", None)
+    return settings
+
+
+def build(name: str, **overrides: Any) -> nn.Module:
+    """A family's net with its yaml defaults and `overrides` (nested sections merge): for tests and scripts."""
+    settings = default_settings(name)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return by_name(name)(**settings)
+
+
+def build_norm(channels: int, family: str = "davidnet", **overrides: Any) -> nn.Module:
+    """One norm layer with `family`'s yaml norm settings and `overrides` (e.g. kind="ghost", ghost_splits=4)."""
+    from cifar_speedrun.models.base import NormSettings
+
+    return NormSettings(**{**default_settings(family)["norm"], **overrides}).factory()(channels)
+
+
+def build_whitening(family: str = "davidnet", **overrides: Any) -> nn.Module:
+    """A PatchWhitening layer with `family`'s yaml whitening settings and `overrides`."""
+    from cifar_speedrun.models.base import WhiteningSettings
+
+    return WhiteningSettings(**{**default_settings(family)["whitening"], **overrides}).layer()
+
+
+__all__ = ["FAMILIES", "ModelFamily", "ModelSettings", "build", "build_norm", "build_whitening", "by_name",
+           "count_parameters", "default_settings", "target_of"]

@@ -1,0 +1,365 @@
+"""CIFAR-10 from its source to uint8 tensors: torchvision's pickles or an ImageFolder (folder or archive),
+decoded once and cached per source in `cache_dir`; the class-balanced subsets of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifar_speedrun import storage
+from cifar_speedrun.errors import UserError
+
+# CIFAR-10's official label order (torchvision.datasets.CIFAR10.classes); alphabetical, so an
+# ImageFolder of these class names gets the official indices.
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)# Decoding 60,000 JPEGs takes ~30 s: say how far it is, a line every this many images.
+PROGRESS_EVERY = 10_000
+# Bump when the cache file layout changes, so old caches are rebuilt instead of misread.
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Cifar10Uint8:
+    """The dataset as decoded once: uint8 images (N, 3, 32, 32) and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source_id: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": CACHE_FORMAT,
+            "source_id": self.source_id,
+            "train_x": self.train_x,
+            "train_y": self.train_y,
+            "test_x": self.test_x,
+            "test_y": self.test_y,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: source -> uint8 tensors, with a cache keyed by the source's identity
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# What torchvision's ImageFolder accepts as images; anything else in a class folder is skipped.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Files that file managers leave in folders (macOS, Windows): never images, skipped silently but counted.
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+
+
+@dataclass
+class SkippedFiles:
+    """What a split folder held besides images: system/hidden/non-image files, and links that lead nowhere."""
+
+    other: int = 0
+    broken_links: int = 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.other:
+            parts.append(f"{self.other} hidden or non-image files (.DS_Store, Thumbs.db, ._*, ...)")
+        if self.broken_links:
+            parts.append(f"{self.broken_links} broken or looping symlinks")
+        return " and ".join(parts)
+
+
+def image_files(split_dir: Path) -> tuple[list[list[Path]], SkippedFiles]:
+    """The image files of each CIFAR-10 class folder under `split_dir` (sorted), and what was skipped.
+
+    Hidden files (`.DS_Store`, macOS's `._*`), `Thumbs.db`/`desktop.ini` and files without an image
+    extension are skipped, as ImageFolder does; symlinked folders and files are followed, and links
+    that lead nowhere (dangling, or a loop) are skipped and counted. A class folder without images is
+    refused: training on 9 classes would report a number for the wrong task.
+    """
+    per_class: list[list[Path]] = []
+    skipped = SkippedFiles()
+    for name in CIFAR10_CLASSES:
+        files = []
+        for entry in sorted((split_dir / name).iterdir()):
+            if entry.is_symlink() and not entry.exists():  # dangling, or a loop (exists() is False for both)
+                skipped.broken_links += 1
+                continue
+            if not entry.is_file():
+                continue
+            lower = entry.name.lower()
+            if entry.name.startswith(".") or lower in _SYSTEM_FILES or not lower.endswith(IMAGE_EXTENSIONS):
+                skipped.other += 1
+                continue
+            files.append(entry)
+        if not files:
+            raise UserError(f"class folder {split_dir / name} holds no images: a CIFAR-10 dataset needs images of "
+                            "all 10 classes in train/ and test/")
+        per_class.append(files)
+    return per_class, skipped
+
+
+def _directory_fingerprint(path: Path) -> str:
+    """A digest of exactly the bytes the decoder will read: every image of both splits, by relative path.
+
+    Reading them (60,000 small files) takes about a second with a warm page cache; names, sizes and
+    times alone would let two folders that differ only behind symlinks share one cache.
+    """
+    digest = hashlib.blake2b(digest_size=32)
+    for split in ("train", "test"):
+        split_dir = path / split
+        if not split_dir.is_dir():
+            raise UserError(f"{split_dir} is missing: an image_folder dataset needs train/<class>/* and "
+                            "test/<class>/* (torchvision ImageFolder layout)")
+        _check_classes(split_dir)
+        per_class, _ = image_files(split_dir)
+        for files in per_class:
+            for file in files:
+                data = file.read_bytes()
+                digest.update(f"{split}/{file.parent.name}/{file.name}|{len(data)}\n".encode())
+                digest.update(data)
+    return digest.hexdigest()
+
+
+def source_identity(source: str, path: str | None) -> str:
+    """A short key naming exactly which data a cache file holds."""
+    if source == "torchvision":
+        # The official release is one fixed file (torchvision checks its md5), wherever it is stored.
+        return "torchvision-official"
+    if source == "image_folder":
+        location = _existing_image_folder(path)
+        if location.is_file():
+            from cifar_speedrun.archive import check_archive_size
+
+            check_archive_size(location)
+        fingerprint = _sha256_file(location) if location.is_file() else _directory_fingerprint(location)
+        return f"image_folder-{fingerprint[:16]}"
+    raise UserError(f"data.source={source!r} is not a data source; use data.source=torchvision or image_folder")
+
+
+def _existing_image_folder(path: str | None) -> Path:
+    if not path:
+        raise UserError(
+            "data.source=image_folder needs data.path: set data.path=/path/to/cifar10.tar.gz "
+            "(or a folder with train/ and test/), or export CIFAR10_ARCHIVE"
+        )
+    location = Path(os.path.expanduser(str(path)))
+    if not location.exists():
+        raise UserError(
+            f"CIFAR-10 not found at data.path={location}: point data.path (or CIFAR10_ARCHIVE) at a .tar.gz "
+            "or folder holding train/<class>/* and test/<class>/*"
+        )
+    return location
+
+
+def _load_torchvision(root: str) -> dict[str, np.ndarray]:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        splits = {split: CIFAR10(root, train=(split == "train"), download=True) for split in ("train", "test")}
+    except Exception as error:  # network errors, md5 mismatch, unwritable root: all need the same advice
+        raise UserError(
+            f"could not get CIFAR-10 into data.root={root} ({type(error).__name__}: {error}); check the "
+            "network and that the folder is writable, or use data.source=image_folder data.path=<archive>"
+        ) from error
+    out: dict[str, np.ndarray] = {}
+    for split, dataset in splits.items():
+        out[f"{split}_x"] = np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))  # NHWC -> NCHW
+        out[f"{split}_y"] = np.asarray(dataset.targets, dtype=np.int64)
+    return out
+
+
+def _check_classes(split_dir: Path) -> None:
+    classes = tuple(sorted(entry.name for entry in split_dir.iterdir()
+                           if entry.is_dir() and not entry.name.startswith(".")))
+    if classes != CIFAR10_CLASSES:
+        raise UserError(
+            f"{split_dir} has class folders {list(classes)}, expected CIFAR-10's 10 classes "
+            f"{list(CIFAR10_CLASSES)}: fix the folder names"
+        )
+
+
+def _decode_image_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not split_dir.is_dir():
+        raise UserError(
+            f"{split_dir} is missing: an image_folder dataset needs train/<class>/* and test/<class>/* "
+            "(torchvision ImageFolder layout)"
+        )
+    _check_classes(split_dir)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    per_class, skipped = image_files(split_dir)
+    if skipped.describe():
+        print(f"[data] {split_dir.name}: skipped {skipped.describe()}, as torchvision's ImageFolder does",
+              flush=True)
+    total, start = sum(len(files) for files in per_class), time.perf_counter()
+    for label, files in enumerate(per_class):
+        for file in files:
+            if len(images) % PROGRESS_EVERY == 0 and len(images):
+                print(f"[data] decoding {split_dir.name}: {len(images):,} / {total:,} images "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            try:
+                with Image.open(io.BytesIO(file.read_bytes())) as image:
+                    if image.mode != "RGB" or image.size != (32, 32):  # from the header, before any decoding
+                        raise UserError(
+                            f"{file} is a {image.size[0]}x{image.size[1]} {image.mode} image; CIFAR-10 "
+                            "images must be 32x32 RGB: replace the file or re-extract the dataset"
+                        )
+                    image.load()
+                    images.append(np.asarray(image, dtype=np.uint8))
+            except Image.DecompressionBombError as error:  # a header claiming billions of pixels
+                raise UserError(f"{file} claims to be a huge image ({error}); CIFAR-10 images are 32x32: replace "
+                                "the file") from None
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+                raise UserError(
+                    f"corrupt image {file} ({error}); re-create the dataset archive or delete the file"
+                ) from None
+            labels.append(label)
+    if not images:
+        raise UserError(f"{split_dir} holds no images")
+    stacked = np.stack(images).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    return np.ascontiguousarray(stacked), np.asarray(labels, dtype=np.int64)
+
+
+def _load_image_folder(path: str, scratch_dir: Path) -> dict[str, np.ndarray]:
+    """Decode a folder, or an archive extracted (safely) into a scratch folder that is always removed.
+
+    The scratch folder is named `extract-<host>-<pid>-*`, so one left by a killed run is removed by the
+    next (storage.remove_stale); an interruption or error here removes it at once.
+    """
+    location = _existing_image_folder(path)
+    cleanup: Path | None = None
+    try:
+        if location.is_dir():
+            top = location
+        else:
+            from cifar_speedrun.archive import safe_extract
+
+            try:
+                scratch_dir.mkdir(parents=True, exist_ok=True)
+                storage.remove_stale(str(scratch_dir))
+                cleanup = Path(tempfile.mkdtemp(prefix=f"extract-{storage.temp_tag()}", dir=scratch_dir))
+                print(f"[data] first use of {location.name}: extracting and decoding it once into a uint8 cache",
+                      flush=True)
+                top = safe_extract(location, cleanup)  # the folder holding train/ and test/
+            except OSError as error:
+                named = storage.path_error(error, str(scratch_dir / "extract"))
+                if named is None:
+                    raise
+                raise named from error
+        try:
+            train_x, train_y = _decode_image_split(top / "train")
+            test_x, test_y = _decode_image_split(top / "test")
+        except UserError as error:
+            if cleanup is None:
+                raise
+            # Name places inside the archive, not the scratch folder, which is gone once this returns.
+            raise UserError(str(error).replace(f"{cleanup}{os.sep}", f"{location.name}:").replace(
+                str(cleanup), location.name)) from None
+    finally:
+        if cleanup is not None:
+            from cifar_speedrun.interrupts import deferred
+
+            with deferred():  # a second signal must not stop the removal halfway
+                shutil.rmtree(cleanup, ignore_errors=True)
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def cache_file(cache_dir: str, source_id: str) -> str:
+    return storage.join(cache_dir, f"cifar10-{source_id}-v{CACHE_FORMAT}.pt")
+
+
+def load_cifar10_uint8(
+    source: str, root: str | None, path: str | None, cache_dir: str, verbose: bool = True
+) -> Cifar10Uint8:
+    """The whole dataset as uint8 tensors, decoded at most once per source and cache directory.
+
+    A second call reads one `torch.save` file instead of re-parsing pickles or re-decoding 60k JPEGs.
+    The cache is written to a temporary name and renamed, so an interrupted run leaves no broken file.
+    """
+    storage.remove_stale(cache_dir)  # temp files and extraction folders of runs that were killed
+    source_id = source_identity(source, path)
+    target = cache_file(cache_dir, source_id)
+    start = time.perf_counter()
+    if storage.exists(target):
+        try:
+            blob = storage.load_tensors(target)
+            if blob.get("format") == CACHE_FORMAT and blob.get("source_id") == source_id:
+                data = Cifar10Uint8(**{k: blob[k] for k in ("train_x", "train_y", "test_x", "test_y")},
+                                    source_id=source_id)
+                if verbose:
+                    print(f"[data] loaded cached CIFAR-10 ({source_id}) from {target} "
+                          f"in {time.perf_counter() - start:.2f}s")
+                return data
+        except Exception as error:  # a truncated or foreign file: rebuild it rather than fail
+            print(f"[data] ignoring unreadable cache {target} ({type(error).__name__}); rebuilding it")
+    if source == "torchvision":
+        arrays = _load_torchvision(str(root))
+    else:
+        scratch = Path(os.path.expanduser(cache_dir)) if storage.is_local(cache_dir) else Path(tempfile.gettempdir())
+        arrays = _load_image_folder(str(path), scratch)
+    data = Cifar10Uint8(
+        train_x=torch.from_numpy(arrays["train_x"]),
+        train_y=torch.from_numpy(arrays["train_y"]),
+        test_x=torch.from_numpy(arrays["test_x"]),
+        test_y=torch.from_numpy(arrays["test_y"]),
+        source_id=source_id,
+    )
+    _check_shapes(data)
+    storage.save_tensors_atomic(data.as_dict(), target)
+    if verbose:
+        print(f"[data] decoded CIFAR-10 ({source_id}) in {time.perf_counter() - start:.2f}s; cached at {target}")
+    return data
+
+
+def _check_shapes(data: Cifar10Uint8) -> None:
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32) or len(x) != len(y):
+            raise UserError(f"CIFAR-10 {split} split has shape {tuple(x.shape)}; expected (N, 3, 32, 32) uint8")
+        if int(y.min()) < 0 or int(y.max()) > 9:
+            raise UserError(f"CIFAR-10 {split} labels fall outside 0..9: the dataset is not CIFAR-10")
+
+
+def select_subset(labels: torch.Tensor, size: int, mode: str = "per_class", seed: int = 0,
+                  key: str = "data.subset") -> torch.Tensor:
+    """Indices of a subset: the first size/10 images of each class, or a seeded sample.
+
+    `per_class` keeps the classes balanced, which matters for tiny subsets; `random` is a plain
+    uniform sample without replacement. `key` names the setting in messages (data.test_subset).
+    """
+    if size <= 0 or size > len(labels):
+        split = "test" if "test" in key else "train"
+        raise UserError(f"{key}={size} must be between 1 and {len(labels)} (the {split} set size)")
+    if mode == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(len(labels), generator=generator)[:size].sort().values
+    if mode != "per_class":
+        raise UserError(f"data.subset_mode={mode!r} is not known; use per_class or random")
+    num_classes = int(labels.max()) + 1
+    per_class = [size // num_classes + (1 if c < size % num_classes else 0) for c in range(num_classes)]
+    chosen = [torch.nonzero(labels == c).flatten()[:count] for c, count in enumerate(per_class)]
+    return torch.cat(chosen).sort().values
+
+
+# ----------------------------------------------------------------------------------------------------

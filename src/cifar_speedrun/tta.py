@@ -1,0 +1,39 @@
+"""Test-time augmentation: the network's outputs averaged over cheap symmetries of the test image."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,
+               reduce: str = "logits") -> torch.Tensor:
+    """Average of the network's outputs over cheap symmetries of the test image.
+
+    flip: the image and its horizontal mirror, averaged (Page part 8: cifar10-fast's forward_tta
+    takes the mean of the views' logits). translate: airbench's TTA level 2, the untranslated views
+    and the same views shifted by one pixel (reflect-padded) up-left and down-right, weighted as
+    airbench94's `infer`: 0.5 x mean(untranslated) + 0.5 x mean(translated), so with flip the two
+    untranslated views weigh 1/4 each and the four shifted ones 1/8. `reduce` chooses what is
+    averaged: raw logits (both recipes), or log-softmax (log-probabilities).
+    """
+
+    def outputs(views: list[torch.Tensor]) -> torch.Tensor:
+        results = [net(view).float() for view in views]
+        if reduce == "log_softmax":
+            results = [F.log_softmax(out, dim=1) for out in results]
+        elif reduce != "logits":
+            raise ValueError(f"reduce={reduce!r}: logits or log_softmax")  # the config is typed: a caller bug
+        return torch.stack(results).mean(dim=0)
+
+    plain = [images, images.flip(-1)] if flip else [images]
+    untranslated = outputs(plain)
+    if not translate:
+        return untranslated
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    height, width = images.shape[-2:]
+    shifted = [padded[..., 0:height, 0:width], padded[..., 2:height + 2, 2:width + 2]]
+    if flip:
+        shifted += [view.flip(-1) for view in shifted]
+    return 0.5 * untranslated + 0.5 * outputs(shifted)
