@@ -97,8 +97,9 @@ class TrainTimer(Callback):
         accuracy = float(trainer.callback_metrics[self.monitor])
         entry = {"epoch": trainer.current_epoch + 1, "test_acc": accuracy, "train_seconds": self.train_seconds,
                  "eval_seconds": self.eval_seconds}
-        if "test/loss" in trainer.callback_metrics:
-            entry["test_loss"] = float(trainer.callback_metrics["test/loss"])
+        for key in ("test/loss", "val/acc", "val/loss"):  # val/*: with data.val_split
+            if key in trainer.callback_metrics:
+                entry[key.replace("/", "_")] = float(trainer.callback_metrics[key])
         self.history.append(entry)
         if self.time_to_target is None and accuracy >= self.target_acc:
             self.time_to_target = self.train_seconds
@@ -355,6 +356,8 @@ class ResultsWriter(Callback):
             "status": status,
             "error": error,
             "test_acc": history[-1]["test_acc"] if history else None,
+            "val_acc": history[-1].get("val_acc") if history else None,
+            "val_images": getattr(trainer.datamodule, "num_val_images", 0) if trainer.datamodule else 0,
             "train_seconds": timer.train_seconds if timer else None,
             "fit_seconds": timer.fit_seconds if timer else None,
             "eval_seconds": timer.eval_seconds if timer else None,

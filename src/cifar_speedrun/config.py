@@ -17,7 +17,7 @@ from cifar_speedrun.run_lock import RunFolders
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
 CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
-                    "experiment", "stage", "sweep", "debug", "proxy")
+                    "experiment", "stage", "sweep", "debug", "proxy", "hparams_search")
 
 
 def available_options(group: str) -> list[str]:
@@ -205,6 +205,10 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
         numbered = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
         task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
         OmegaConf.to_container(task, resolve=True)  # every interpolation resolves (no loop, no missing key)
+        sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "")
+        if multirun and "cifar_speedrun_search" in sweeper and not int(OmegaConf.select(cfg, "data.val_split") or 0):
+            raise UserError("hparams_search judges trials on the validation accuracy, but data.val_split=0 holds "
+                            "nothing out: set data.val_split=N, e.g. 5000 (a search never looks at the test set)")
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, RecursionError) as error:

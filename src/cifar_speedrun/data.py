@@ -29,7 +29,7 @@ from cifar_speedrun.augment import (
     standardize,
 )
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.sources import Cifar10Uint8, load_cifar10_uint8, select_subset
+from cifar_speedrun.sources import Cifar10Uint8, load_cifar10_uint8, select_subset, validation_split
 
 # CIFAR-10's official label order (torchvision.datasets.CIFAR10.classes); alphabetical, so an
 # ImageFolder of these class names gets the official indices.
@@ -53,6 +53,7 @@ class Cifar10DataModule(L.LightningDataModule):
         subset: int | None,
         subset_mode: str,
         test_subset: int | None,
+        val_split: int,
         normalize: str,
         translate: int,
         crop_size: int,
@@ -70,6 +71,9 @@ class Cifar10DataModule(L.LightningDataModule):
         self.source, self.root, self.path, self.cache_dir = source, root, path, cache_dir
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.subset, self.subset_mode, self.test_subset = subset, subset_mode, test_subset
+        self.val_split = int(val_split)
+        self._val: EvalBatches | None = None
+        self.num_val_images = 0
         self.normalize, self.translate, self.flip_mode = normalize, translate, flip_mode
         self.augment = AugmentConfig(crop_size, flip, cutout, cutout_size, cutout_inside)
         self.half_precision, self.channels_last, self.seed = half_precision, channels_last, seed
@@ -104,6 +108,10 @@ class Cifar10DataModule(L.LightningDataModule):
         if self.subset:
             index = select_subset(train_y, int(self.subset), self.subset_mode, self.seed)
             train_x, train_y = train_x[index], train_y[index]
+        if self.val_split:  # held out of training, evaluated beside the test set every epoch
+            keep, held = validation_split(train_y, self.val_split)
+            val_x, val_y = train_x[held], train_y[held]
+            train_x, train_y = train_x[keep], train_y[keep]
         test_x, test_y = data.test_x, data.test_y
         if self.test_subset:
             index = select_subset(test_y, int(self.test_subset), "per_class", self.seed, "data.test_subset")
@@ -129,13 +137,17 @@ class Cifar10DataModule(L.LightningDataModule):
         if len(train_y) // world < per_rank_batch:
             raise UserError(
                 f"data.batch_size={self.batch_size} is larger than the {len(train_y)} training images "
-                "(no full batch to train on): lower data.batch_size or raise data.subset"
+                "(no full batch to train on): lower data.batch_size or data.val_split, or raise data.subset"
             )
         self._train_batches = AugmentedBatches(
             padded, train_y.to(device), per_rank_batch, self.augment, self.seed, rank, world, self.channels_last,
             self.flip_mode
         )
         self._test = EvalBatches(test, test_y.to(device), self.eval_batch_size, self.channels_last, rank, world)
+        if self.val_split:
+            val = standardize(val_x.to(device), self.mean, self.std).to(dtype)
+            self._val = EvalBatches(val, val_y.to(device), self.eval_batch_size, self.channels_last, rank, world)
+            self.num_val_images = len(val_y)
         if self._pending_state is not None:
             self._train_batches.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -144,8 +156,9 @@ class Cifar10DataModule(L.LightningDataModule):
         assert self._train_batches is not None, "call setup() first"
         return self._train_batches
 
-    def val_dataloader(self) -> EvalBatches:
-        return self._test
+    def val_dataloader(self) -> EvalBatches | list[EvalBatches]:
+        """The test set, and the held-out validation images when data.val_split > 0 (dataloader 1)."""
+        return self._test if self._val is None else [self._test, self._val]
 
     def test_dataloader(self) -> EvalBatches:
         return self._test

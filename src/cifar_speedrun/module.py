@@ -94,6 +94,8 @@ class SpeedrunModule(L.LightningModule):
         self._epoch_summary: tuple[int, dict[str, float]] | None = None
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
         self.test_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
+        self.val_loss = MeanMetric(nan_strategy="disable")
         self.warmup_seconds: float | None = None
         self.fit_seconds = 0.0
         self.schedule: PiecewiseLinear | None = None
@@ -244,14 +246,19 @@ class SpeedrunModule(L.LightningModule):
     def steps_per_epoch(self) -> int:
         return self.schedule.steps_per_epoch if self.schedule is not None else 1
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        """Evaluation, as the run is scored: TTA included. Dataloader 0 is the test set, 1 the held-out
+        validation images (data.val_split), logged as test/* and val/*."""
         images, labels = batch
         logits = tta_logits(self.net, images, bool(self.tta.get("flip", False)),
                             bool(self.tta.get("translate", False)), str(self.tta.get("reduce", "logits")))
-        self.test_loss.update(F.cross_entropy(logits, labels))
-        self.test_acc.update(logits, labels)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        name, accuracy, loss = ("test", self.test_acc, self.test_loss) if dataloader_idx == 0 else (
+            "val", self.val_acc, self.val_loss)
+        loss.update(F.cross_entropy(logits, labels))
+        accuracy.update(logits, labels)
+        self.log(f"{name}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, add_dataloader_idx=False)
+        self.log(f"{name}/loss", loss, on_step=False, on_epoch=True, add_dataloader_idx=False)
 
     test_step = validation_step
 

@@ -46,11 +46,15 @@ class Run:
     device: str | None = None
     commit: str | None = None
     wandb_group: str | None = None
+    val_acc: float | None = None  # with data.val_split: accuracy on the held-out training images
+    history: list[dict[str, Any]] = field(default_factory=list)  # per epoch (results.json only)
 
 
 # One row per run: what a results/ CSV holds, enough to rebuild the table and audit each run.
 RUN_COLUMNS = ["configuration", "seed", "status", "test_acc", "train_seconds", "time_to_target", "target_acc",
-               "epochs", "width", "data", "device", "commit", "job", "error"]
+               "epochs", "width", "data", "device", "commit", "job", "error", "val_acc"]
+# The difference a reader most often asks about (a single trick's effect on the proxy is a few tenths).
+RESOLVE_TARGET = 0.002
 
 
 @dataclass
@@ -66,6 +70,18 @@ class Row:
     @property
     def n(self) -> int:
         return len(self.accuracies)
+
+    @property
+    def val_accuracies(self) -> list[float]:
+        return [r.val_acc for r in self.runs if r.val_acc is not None]
+
+    @property
+    def val_mean(self) -> float:
+        return statistics.fmean(self.val_accuracies) if self.val_accuracies else math.nan
+
+    @property
+    def val_ci95(self) -> float:
+        return confidence_half_width(self.val_accuracies)
 
     @property
     def mean(self) -> float:
@@ -116,6 +132,43 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, 
     return t, dof, p
 
 
+def difference_half_width(sd_a: float, n_a: int, sd_b: float, n_b: int, level: float = 0.95) -> float:
+    """95% CI half-width of mean(a) - mean(b) (Welch): the smallest difference these runs can resolve."""
+    if n_a < 2 or n_b < 2 or math.isnan(sd_a) or math.isnan(sd_b):
+        return math.nan
+    va, vb = sd_a**2 / n_a, sd_b**2 / n_b
+    if va + vb == 0:
+        return 0.0
+    dof = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+    return float(stats.t.ppf(0.5 + level / 2, dof)) * math.sqrt(va + vb)
+
+
+def seeds_needed(sd: float, difference: float = RESOLVE_TARGET, level: float = 0.95, most: int = 10_000) -> int | None:
+    """Seeds per row for two rows of spread `sd` to resolve `difference` (CI half-width of the difference
+    at most `difference`); None if sd is unknown."""
+    if math.isnan(sd):
+        return None
+    for n in range(2, most + 1):
+        if difference_half_width(sd, n, sd, n, level) <= difference:
+            return n
+    return most
+
+
+def power_line(rows: list[Row]) -> str:
+    """What the table as a whole can resolve: the typical row's n and sd, in words."""
+    measured = [row for row in rows if row.n > 1 and not math.isnan(row.std)]
+    if not measured:
+        return ("Resolution: no row has 2 or more seeds, so no difference between rows is resolved; run seeds "
+                "0,1,2 at least.")
+    n = int(statistics.median(row.n for row in measured))
+    sd = statistics.median(row.std for row in measured)
+    half = difference_half_width(sd, n, sd, n)
+    need = seeds_needed(sd)
+    return (f"Resolution: with n = {n} seeds and the rows' median sd {_pct(sd)} points, two rows must differ by "
+            f"more than {_pct(half)} points to be resolved (95% CI half-width of the difference); resolving "
+            f"{100 * RESOLVE_TARGET:.1f} points at this sd needs n = {need} per row.")
+
+
 def _config_key(result: dict[str, Any]) -> str:
     return config_key(str(result.get("overrides") or ""))  # as the run itself computed it (hydra_job.py)
 
@@ -151,7 +204,8 @@ def _run_from_result(result: dict[str, Any], path: Path, job: int) -> Run:
         seed=result.get("seed"),
         error=result.get("error"), epochs=result.get("epochs"), width=model.get("width"),
         data=result.get("data_source"), device=result.get("device"), commit=result.get("git_commit"),
-        wandb_group=result.get("wandb_group"),
+        wandb_group=result.get("wandb_group"), val_acc=_number_or_none(result, "val_acc"),
+        history=[entry for entry in result.get("history") or [] if isinstance(entry, dict)],
     )
 
 
@@ -208,7 +262,7 @@ def _load_runs_csv(path: str | Path) -> list[Run]:
                 target_acc=_number(row.get("target_acc")), seed=int(seed) if seed not in (None, "") else None,
                 error=row.get("error") or None, epochs=int(row["epochs"]) if row.get("epochs") else None,
                 width=_number(row.get("width")), data=row.get("data") or None, device=row.get("device") or None,
-                commit=row.get("commit") or None,
+                commit=row.get("commit") or None, val_acc=_number(row.get("val_acc")),
             ))
     return runs
 
@@ -235,7 +289,7 @@ def write_runs_csv(runs: list[Run], path: str | Path) -> None:
         for run in runs:
             writer.writerow([run.config_key, run.seed, run.status, run.test_acc, run.train_seconds,
                              run.time_to_target, run.target_acc, run.epochs, run.width, run.data, run.device,
-                             run.commit, run.job, run.error or ""])
+                             run.commit, run.job, run.error or "", run.val_acc])
 
 
 def group_runs(runs: list[Run]) -> list[Row]:
@@ -267,20 +321,37 @@ def _secs(value: float) -> str:
 
 COLUMNS = ["#", "configuration", "n", "mean acc %", "std %", "95% CI ± %", "≥ target", "median train s",
            "median time-to-target s", "failed"]
+# With data.val_split: the held-out accuracy beside the test accuracy (what a search may be judged on).
+VAL_COLUMNS = ["val acc %", "val 95% CI ± %"]
+
+
+def has_validation(rows: list[Row]) -> bool:
+    return any(row.val_accuracies for row in rows)
+
+
+def columns(rows: list[Row]) -> list[str]:
+    return COLUMNS[:6] + VAL_COLUMNS + COLUMNS[6:] if has_validation(rows) else COLUMNS
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
     labels = _short_labels(rows)
-    return [[str(number), label, str(row.n), _pct(row.mean), _pct(row.std), _pct(row.ci95),
-             "–" if math.isnan(row.fraction_reaching_target) else f"{row.fraction_reaching_target:.0%}",
-             _secs(row.median_train_seconds), _secs(row.median_time_to_target), str(len(row.failed))]
-            for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1)]
+    validation = has_validation(rows)
+    out = []
+    for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1):
+        cells = [str(number), label, str(row.n), _pct(row.mean), _pct(row.std), _pct(row.ci95)]
+        if validation:
+            cells += [_pct(row.val_mean), _pct(row.val_ci95)]
+        out.append(cells + ["–" if math.isnan(row.fraction_reaching_target) else f"{row.fraction_reaching_target:.0%}",
+                            _secs(row.median_train_seconds), _secs(row.median_time_to_target), str(len(row.failed))])
+    return out
 
 
 def numeric_rows(rows: list[Row]) -> list[list[Any]]:
     """The table with numbers as numbers (NaN where there is none), for W&B's sortable tables."""
     labels = _short_labels(rows)
+    validation = has_validation(rows)
     return [[number, label, row.n, 100 * row.mean, 100 * row.std, 100 * row.ci95,
+             *([100 * row.val_mean, 100 * row.val_ci95] if validation else []),
              row.fraction_reaching_target, row.median_train_seconds, row.median_time_to_target, len(row.failed)]
             for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1)]
 
@@ -297,13 +368,14 @@ def _describe(runs: list[Run]) -> str:
 
 def markdown(rows: list[Row], runs: list[Run], source: str) -> str:
     body = table_rows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(columns(rows)) + " |", "|" + "---|" * len(columns(rows))]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     common = set(rows[0].config.split()).intersection(*[r.config.split() for r in rows[1:]]) if rows else set()
     text = [f"# Report: {source}", "", f"{len(runs)} runs, {sum(len(r.runs) for r in rows)} ok, "
             f"{sum(len(r.failed) for r in rows)} failed. Shared settings: {' '.join(sorted(common)) or '–'}.",
             _describe(runs),
-            "95% CI: Student-t half-width of the mean over seeds; target: results' target_acc.", "", *lines]
+            "95% CI: Student-t half-width of the mean over seeds; target: results' target_acc.", "", *lines, "",
+            power_line(rows)]
     failed = [run for row in rows for run in row.failed]
     if failed:
         text += ["", "## Failed runs", ""]
@@ -367,6 +439,58 @@ def plot(rows: list[Row], path: Path) -> tuple[float, float]:
     return limits
 
 
+def curves(row: Row, key: str) -> tuple[list[int], list[float], list[float]]:
+    """Per epoch: (epochs, mean, 95% CI half-width) of `key` (test_acc, val_acc) over the row's runs.
+
+    Only epochs every run evaluated (a proxy evaluates at its end only: one point)."""
+    per_epoch: dict[int, list[float]] = {}
+    for run in row.runs:
+        for entry in run.history:
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "epoch" in entry:
+                per_epoch.setdefault(int(entry["epoch"]), []).append(float(value))
+    epochs = sorted(e for e, values in per_epoch.items() if len(values) == len(row.runs))
+    means = [statistics.fmean(per_epoch[e]) for e in epochs]
+    bands = [0.0 if len(per_epoch[e]) < 2 else confidence_half_width(per_epoch[e]) for e in epochs]
+    return epochs, means, bands
+
+
+def plot_curves(rows: list[Row], path: Path) -> None:
+    """Learning curves: test (solid) and validation (dashed) accuracy per epoch, mean ± 95% CI band per
+    configuration; the table's row numbers in the legend. Ten distinct colours (tab10), then repeats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labels = _short_labels(rows)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colours = plt.get_cmap("tab10").colors
+    for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1):
+        colour = colours[(number - 1) % len(colours)]
+        text = label if len(label) <= 48 else label[:47] + "…"
+        for key, style, name in (("test_acc", "-", "test"), ("val_acc", "--", "val")):
+            epochs, means, bands = curves(row, key)
+            if not epochs:
+                continue
+            values = [100 * m for m in means]
+            ax.plot(epochs, values, style, color=colour, marker="o" if len(epochs) == 1 else None,
+                    markersize=4, linewidth=1.4, label=f"{number}: {text} ({name}, n={row.n})")
+            ax.fill_between(epochs, [v - 100 * b for v, b in zip(values, bands, strict=True)],
+                            [v + 100 * b for v, b in zip(values, bands, strict=True)], color=colour, alpha=0.15,
+                            linewidth=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%), mean ± 95% CI over seeds")
+    ax.set_title("learning curves: test (solid), validation (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def find_row(rows: list[Row], name: str) -> Row:
     """A row by 1-based index, exact configuration, or a unique substring of its label."""
     labels = _short_labels(rows)
@@ -385,11 +509,21 @@ def compare(rows: list[Row], first: str, second: str, level: float = 0.05) -> st
     labels = dict(zip((id(row) for row in rows), _short_labels(rows), strict=True))
     number = {id(row): index for index, row in enumerate(rows, start=1)}
     t, dof, p = welch_t_test(a.accuracies, b.accuracies)
-    verdict = (f"significant at the {level:.0%} level" if p < level else
-               f"not significant at the {level:.0%} level: the rows may not differ; more seeds would tell")
+    half = difference_half_width(a.std, a.n, b.std, b.n)
+    difference = a.mean - b.mean
+    sd = math.sqrt((a.std**2 + b.std**2) / 2)
+    need = seeds_needed(sd, max(abs(difference), RESOLVE_TARGET) if p >= level else RESOLVE_TARGET)
+    if p < level:
+        verdict = (f"significant at the {level:.0%} level: the difference is resolved (it exceeds ±{_pct(half)}); "
+                   "no more seeds are needed for it")
+    else:
+        verdict = (f"not significant at the {level:.0%} level: these runs resolve only differences beyond "
+                   f"±{_pct(half)} points, so more seeds are needed: about n = {need} per row would resolve "
+                   f"{_pct(max(abs(difference), RESOLVE_TARGET))} points at this sd")
     return (f"Row {number[id(a)]} ({labels[id(a)]}: {_pct(a.mean)}%, n={a.n}) vs row {number[id(b)]} "
-            f"({labels[id(b)]}: {_pct(b.mean)}%, n={b.n}): difference {_pct(a.mean - b.mean)} points, "
-            f"Welch t = {t:.3f}, dof = {dof:.1f}, p = {p:.4g}: {verdict}.")
+            f"({labels[id(b)]}: {_pct(b.mean)}%, n={b.n}): difference {_pct(difference)} ± {_pct(half)} points "
+            f"(95% CI), Welch t = {t:.3f}, dof = {dof:.1f}, p = {p:.4g}: {verdict}. At the pooled sd "
+            f"{_pct(sd)}, resolving {100 * RESOLVE_TARGET:.1f} points needs n = {seeds_needed(sd)} per row.")
 
 
 def wandb_group_of(runs: list[Run], fallback: str) -> str:
@@ -404,7 +538,7 @@ def upload_to_wandb(rows: list[Row], runs: list[Run], source: str, project: str,
 
     group = wandb_group_of(runs, f"report-{Path(source).name}")
     run = wandb.init(project=project, job_type="report", name=f"report · {group}", group=group, dir=str(folder))
-    table = wandb.Table(columns=COLUMNS, data=numeric_rows(rows))
+    table = wandb.Table(columns=columns(rows), data=numeric_rows(rows))
     payload: dict[str, Any] = {"report": table}
     if image is not None and image.is_file():
         payload["report_plot"] = wandb.Image(str(image))
@@ -442,6 +576,8 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
         write_csv(rows, prefix.with_suffix(".csv"))
         if any(row.n for row in rows):
             plot(rows, prefix.with_suffix(".png"))
+        if any(run.history for row in rows for run in row.runs):
+            plot_curves(rows, prefix.with_name(prefix.name + "-curves.png"))
     except OSError as error:
         raise ReportError(f"cannot write the report into {prefix.parent} ({error.strerror or error}): give a "
                           "writable folder with --out DIR") from None

@@ -41,6 +41,7 @@ class DataSettings(Section):
     subset: Annotated[int, Field(ge=1)] | None = Field(description="a number of training images, or null for all")
     subset_mode: Literal["per_class", "random"]
     test_subset: Annotated[int, Field(ge=1)] | None
+    val_split: int = Field(ge=0, description="training images held out for validation, e.g. 5000; 0: none (Page)")
     normalize: Literal["page", "computed"]
     translate: int = Field(ge=0, le=16, description="Page: 4, airbench: 2")
     flip_mode: Literal["random", "alternating"] = Field(description="alternating: trick=alternating_flip (airbench)")

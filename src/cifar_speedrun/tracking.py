@@ -202,6 +202,8 @@ class StartLine(Callback):
         datamodule = trainer.datamodule
         batches = datamodule.train_dataloader()
         train_images, test_images = datamodule.num_train_images, datamodule.num_test_images
+        val_images = getattr(datamodule, "num_val_images", 0)
+        val = f"val {_count(val_images)} (held out) / " if val_images else ""
         steps = len(batches)
         used = steps * batches.batch_size * batches.world_size
         parameters = sum(p.numel() for p in pl_module.net.parameters())
@@ -211,7 +213,7 @@ class StartLine(Callback):
         off = f" (not in effect at {trainer.precision}: {', '.join(inactive)})" if inactive else ""
         self.line = (
             f"[run] {self.model_name} width {self.width} ({_count(parameters)} parameters) · "
-            f"train {_count(train_images)} / test {_count(test_images)} images · {steps} steps of "
+            f"train {_count(train_images)} / {val}test {_count(test_images)} images · {steps} steps of "
             f"{batches.batch_size * batches.world_size} an epoch ({_count(train_images - used)} images dropped "
             f"each epoch) · {self.epochs:g} epochs · {where}, {trainer.precision} · tricks: "
             f"{', '.join(active) or 'none'}{off} · output: {self.output_dir}"
@@ -243,7 +245,8 @@ def end_line(result: dict[str, Any], results_path: str) -> str:
     seconds = result.get("train_seconds")
     acc = f"{100 * accuracy:.2f}%" if accuracy is not None else "–"
     secs = f"{seconds:.1f} s" if seconds is not None else "–"
-    return f"[done] test acc {acc} · train {secs} · results: {results_path}"
+    val = f"val acc {100 * result['val_acc']:.2f}% · " if result.get("val_acc") is not None else ""
+    return f"[done] {val}test acc {acc} · train {secs} · results: {results_path}"
 
 
 # Lightning's promotional tips and start-up chatter: the start line says what matters instead.
