@@ -648,7 +648,7 @@ def _nested(depth: int) -> list:
      "whitening.kernel_size=300 must be an integer in"),
     ({"model_config": {"_target_": DAVIDNET, "norm": _nested(100)}}, "nested deeper than"),
     ({"model_config": {"_target_": DAVIDNET, "activation": "x" * 100_000}}, "characters of text"),
-    ({"model_config": {"_target_": DAVIDNET, "width": "1"}}, "do not build a DavidNet"),
+    ({"model_config": {"_target_": DAVIDNET, "width": "1"}}, "do not build the model family DavidNet"),
     ({"mean": None}, "its mean is"),
     ({"std": [1.0, 0.0, 1.0]}, "its std is"),
     ({"tta": [1, 2]}, "its tta is"),

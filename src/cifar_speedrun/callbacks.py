@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import socket
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 from cifar_speedrun import storage
 from cifar_speedrun.devices import device_name
+from cifar_speedrun.errors import UserError
 
 
 def _synchronize(device: torch.device) -> None:
@@ -529,6 +531,19 @@ class _GuardedAveraging(WeightAveraging):
                                          if not name.startswith("module.")}
 
 
+def _check_averaging(name: str, every_n_steps: Any, **numbers: Any) -> None:
+    """The averaging callbacks' settings (callbacks.<name>.*, set by trick=ema / trick=lookahead): a callback
+    has no typed section of its own, so its few numbers are checked here, in one line each."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise UserError(f"callbacks.{name}.every_n_steps={every_n_steps!r} must be a positive integer (Page: 5)")
+    for key, value in numbers.items():
+        low, high = (0.0, 1.0) if key in ("momentum", "decay_base") else (0.0, math.inf)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high \
+                or not math.isfinite(value):
+            span = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
+            raise UserError(f"callbacks.{name}.{key}={value!r} must be a finite number {span}")
+
+
 class EMA(_GuardedAveraging):
     """Exponential moving average of the weights, evaluated in place of the raw weights (Page part 8).
 
@@ -544,6 +559,7 @@ class EMA(_GuardedAveraging):
     """
 
     def __init__(self, *, momentum: float, every_n_steps: int, use_buffers: bool = True) -> None:
+        _check_averaging("ema", every_n_steps, momentum=momentum)
         self.momentum = float(momentum)
         self.every_n_steps = int(every_n_steps)
         self.decay = self.momentum**self.every_n_steps
@@ -569,6 +585,8 @@ class Lookahead(_GuardedAveraging):
 
     def __init__(self, *, decay_base: float, decay_pow: float, every_n_steps: int, start_epochs: int,
                  use_buffers: bool = True) -> None:
+        _check_averaging("lookahead", every_n_steps, decay_base=decay_base, decay_pow=decay_pow,
+                         start_epochs=start_epochs)
         self.decay_base, self.decay_pow = float(decay_base), float(decay_pow)
         self.every_n_steps, self.start_epochs = int(every_n_steps), int(start_epochs)
         self.decay = 0.0  # the decay of the next update

@@ -224,11 +224,12 @@ def build_model(config: Any, source: str, state_dict: dict[str, Any] | None = No
         with torch.device("meta"):
             probe = family(**settings)
     except UserError as error:
-        raise UserError(f"{source}: its model settings do not build a {family.__name__} ({error}): the file was "
-                        "edited or is not from train.py") from None
+        raise UserError(f"{source}: its model settings do not build the model family {family.__name__} ({error}): "
+                        "the file was edited or is not from train.py") from None
     except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError, KeyError, AttributeError) as error:
-        raise UserError(f"{source}: its model settings do not build a {family.__name__} ({type(error).__name__}: "
-                        f"{str(error)[:120]}): the file was edited or is not from train.py") from None
+        reason = " ".join(str(error).split())[:120]  # one line, whatever the error's text
+        raise UserError(f"{source}: its model settings do not build the model family {family.__name__} "
+                        f"({type(error).__name__}: {reason}): the file was edited or is not from train.py") from None
     size = sum(t.numel() for t in probe.state_dict().values())
     if size > MAX_PARAMETERS:
         raise UserError(f"{source} describes a {family.__name__} of {size:,} values, more than {MAX_PARAMETERS:,}: "

@@ -171,8 +171,7 @@ class SpeedrunModule(L.LightningModule):
             self.loss(self.net(x), y).backward()
             self.net.eval()
             with torch.no_grad():
-                tta_logits(self.net, x[: min(len(x), 1000)], bool(self.tta.get("flip", False)),
-                           bool(self.tta.get("translate", False)))
+                tta_logits(self.net, x[: min(len(x), 1000)], bool(self.tta["flip"]), bool(self.tta["translate"]))
         self.net.train()
         self.net.zero_grad(set_to_none=True)
         self.net.load_state_dict(saved)
@@ -251,8 +250,8 @@ class SpeedrunModule(L.LightningModule):
         """Evaluation, as the run is scored: TTA included. Dataloader 0 is the test set, 1 the held-out
         validation images (data.val_split), logged as test/* and val/*."""
         images, labels = batch
-        logits = tta_logits(self.net, images, bool(self.tta.get("flip", False)),
-                            bool(self.tta.get("translate", False)), str(self.tta.get("reduce", "logits")))
+        logits = tta_logits(self.net, images, bool(self.tta["flip"]), bool(self.tta["translate"]),
+                            str(self.tta["reduce"]))
         name, accuracy, loss = ("test", self.test_acc, self.test_loss) if dataloader_idx == 0 else (
             "val", self.val_acc, self.val_loss)
         loss.update(F.cross_entropy(logits, labels))

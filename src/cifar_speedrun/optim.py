@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
+from cifar_speedrun.errors import UserError
 from cifar_speedrun.models import ModelFamily
 from cifar_speedrun.typed_sections import Section
 
@@ -33,7 +34,17 @@ class Schedule(Section):
     factors: list[Annotated[float, Field(ge=0)]] = Field(min_length=2)
 
 
-class PageSGDSettings(Section):
+class _NesterovMomentum(Section):
+    """Nesterov's look-ahead is a momentum step: refused without momentum (torch would refuse it at build)."""
+
+    @model_validator(mode="after")
+    def _momentum_for_nesterov(self) -> _NesterovMomentum:
+        if getattr(self, "nesterov", False) and getattr(self, "momentum", 1.0) == 0:
+            raise UserError("optim.nesterov=true needs optim.momentum > 0: set a momentum or optim.nesterov=false")
+        return self
+
+
+class PageSGDSettings(_NesterovMomentum):
     builder: Literal["cifar_speedrun.optim.page_sgd"]
     lr: float = Field(ge=0, description="Page's peak: 0.4 (baseline), 1.0 (final)")
     weight_decay: float = Field(ge=0, description="Page: 5e-4")
@@ -48,7 +59,7 @@ class PageSGDSettings(Section):
     reference_momentum: float = Field(ge=0, lt=1)
 
 
-class AirbenchSGDSettings(Section):
+class AirbenchSGDSettings(_NesterovMomentum):
     builder: Literal["cifar_speedrun.optim.airbench_sgd"]
     lr_per_1024: float = Field(ge=0, description="airbench94: 11.5")
     weight_decay_per_1024: float = Field(ge=0, description="airbench94: 0.0153")
@@ -59,7 +70,7 @@ class AirbenchSGDSettings(Section):
     schedule: Schedule
 
 
-class MuonSettings(Section):
+class MuonSettings(_NesterovMomentum):
     builder: Literal["cifar_speedrun.optim.muon_sgd"]
     lr: float = Field(ge=0, description="airbench94_muon: 0.24")
     muon_momentum: float = Field(ge=0, lt=1)

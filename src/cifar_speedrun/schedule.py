@@ -7,6 +7,7 @@ so the configs do too (`optim.schedule.epochs: [0, epochs*5/24, epochs]`): `epoc
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -84,6 +85,9 @@ def resolve_knots(knots: Sequence[float | int | str], epochs: float) -> list[flo
                 "(e.g. [0,epochs/5,epochs])"
             ) from None
         resolved.append(value(tree.body, text))
+    bad = [text for text, number in zip(knots, resolved, strict=True) if not math.isfinite(number)]
+    if bad:
+        raise UserError(f"optim.schedule.epochs knot {bad[0]!r} is not a finite number of epochs")
     return resolved
 
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import FAMILIES, ModelSettings
+from cifar_speedrun.models import FAMILIES, ModelSettings, target_of
 from cifar_speedrun.optim import OPTIMIZERS
 from cifar_speedrun.typed_sections import MAX_SEED, Section, check, plain, unknown_key
 
@@ -105,11 +105,19 @@ def _parameters(target: str, key: str) -> set[str] | None:
             built: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError, ValueError):
             raise UserError(f"{key}._target_={target!r} cannot be imported: check the class path") from None
-        signature = inspect.signature(built)
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-            _SIGNATURES[target] = None
-        else:
-            _SIGNATURES[target] = {name for name in signature.parameters if name != "self"}
+        # A class that only forwards (*args, **kwargs) to its parent (ResumableCSVLogger -> CSVLogger) takes
+        # the parent's arguments; one with named arguments and **kwargs (WandbLogger: wandb.init's) takes any.
+        classes = [c for c in built.__mro__ if "__init__" in vars(c)] if isinstance(built, type) else [built]
+        names: set[str] | None = None
+        for candidate in classes:
+            parameters = [p for n, p in inspect.signature(candidate).parameters.items() if n != "self"]
+            kinds = {p.kind for p in parameters}
+            if kinds == {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+                continue  # pure forwarding
+            if inspect.Parameter.VAR_KEYWORD not in kinds:
+                names = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+            break
+        _SIGNATURES[target] = names
     return _SIGNATURES[target]
 
 
@@ -141,6 +149,11 @@ def _built_group(key: str, group: Any) -> Any:
     return group
 
 
+# Lightning arguments that would stop a run before or after its `epochs` (refused by name). Not
+# fast_dev_run: debug=fdr's one-batch check of the whole pipeline, which records no results.
+RUN_LENGTH_KEYS = ("max_steps", "min_steps", "min_epochs", "max_time", "limit_train_batches")
+
+
 class TrainerSettings(Section):
     """The Trainer keys the project relies on, typed; any other must be an argument of the `_target_` class."""
 
@@ -153,7 +166,14 @@ class TrainerSettings(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = Field(description="CUDA or the CPU")
     check_val_every_n_epoch: int = Field(ge=1)
     log_every_n_steps: int = Field(ge=1)
-    # Absent from conf/trainer/: Lightning's own default (1) applies.
+    enable_checkpointing: bool
+    enable_model_summary: bool
+    enable_progress_bar: bool
+    use_distributed_sampler: bool
+    benchmark: bool
+    deterministic: bool | Literal["warn"]
+    num_sanity_val_steps: int = Field(ge=-1, description="-1: the whole validation set, as Lightning")
+    # Not in conf/trainer/ (Lightning's own default, 1, applies when absent): `trainer.num_nodes=2` adds it.
     num_nodes: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("devices", mode="before")
@@ -163,11 +183,17 @@ class TrainerSettings(Section):
         ids = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
         if not (count or value in ("auto", -1) or ids):
             raise UserError(f"trainer.devices={value!r} must be a number of devices, 'auto' or a list of device ids")
+        if ids and len(set(value)) != len(value):
+            raise UserError(f"trainer.devices={value!r} names a device twice: list each id once")
         return value
 
     @model_validator(mode="after")
     def _lightning_arguments(self) -> TrainerSettings:
         check_built("trainer", {"_target_": self.target, **(self.model_extra or {})})
+        for key in RUN_LENGTH_KEYS:
+            if (self.model_extra or {}).get(key) is not None:
+                raise UserError(f"trainer.{key} is not taken: the run's length follows `epochs` (the LR schedule, "
+                                "EMA and time-to-target with it); set epochs=N instead")
         for key, off in (("gradient_clip_val", None), ("accumulate_grad_batches", 1)):
             value = (self.model_extra or {}).get(key, off)
             if value not in (off, 0, None) and not (key == "accumulate_grad_batches" and value == 1):
@@ -178,37 +204,57 @@ class TrainerSettings(Section):
 
     @property
     def world_size(self) -> int:
-        devices = self.devices if isinstance(self.devices, int) and self.devices > 0 else 1
+        """Processes in the run: the device count, or the ids listed; 'auto' / -1 count as one (unknown here)."""
+        devices = self.devices if isinstance(self.devices, int) and self.devices > 0 else (
+            len(self.devices) if isinstance(self.devices, list) else 1)
         return devices * (self.num_nodes or 1)
 
 
-def _family_settings(value: Any) -> ModelSettings:
-    """The model section as its family's settings, the family found by `_target_` in models.FAMILIES."""
-    if isinstance(value, ModelSettings):
-        return value
-    if not isinstance(value, dict):
-        raise UserError(f"model={value!r} must be a group of settings with a _target_ (model=davidnet, ...)")
-    target = value.get("_target_")
-    family = FAMILIES.get(target) if isinstance(target, str) else None
-    if family is None:
-        known = ", ".join(sorted({f"{f.name} ({f.__module__}.{f.__qualname__})" for f in FAMILIES.values()}))
-        raise UserError(f"model._target_={target!r} is not one of this project's model families; use model=<name>: "
-                        f"{known}")
-    return family.read_settings({k: v for k, v in value.items() if k != "_target_"})
-
-
-def _optim_settings(value: Any) -> Section:
+def _chosen_settings(value: Any, section: str, tag: str, table: dict[str, type[Section]], choice: str) -> Section:
+    """A section whose settings class a value in it chooses: the model by `_target_` (models.FAMILIES), the
+    optimizer by `builder` (optim.OPTIMIZERS). Checked as that class, or one line naming the known choices."""
     if isinstance(value, Section):
         return value
     if not isinstance(value, dict):
-        raise UserError(f"optim={value!r} must be a group of settings with a builder (optim=sgd, ...)")
-    builder = value.get("builder")
-    if builder not in OPTIMIZERS:
-        raise UserError(f"optim.builder={builder!r} is not known; use {', '.join(OPTIMIZERS)}")
-    return check(OPTIMIZERS[builder][1], value, "optim")
+        raise UserError(f"{section}={value!r} must be a group of settings with a {tag} ({section}={choice}, ...)")
+    chosen = value.get(tag)
+    settings = table.get(chosen) if isinstance(chosen, str) else None
+    if settings is None:
+        known = ", ".join(sorted(table))
+        raise UserError(f"{section}.{tag}={chosen!r} is not one of this project's; use {section}=<name> ({known})")
+    return check(settings, {k: v for k, v in value.items() if k != "_target_"} if tag == "_target_" else value,
+                 section)
 
 
-class TrainSettings(Section):
+def _family_settings(value: Any) -> Section:
+    return _chosen_settings(value, "model", "_target_",
+                            {target: family.settings_class for target, family in FAMILIES.items()
+                             if target == target_of(family)}, "davidnet")
+
+
+def _optim_settings(value: Any) -> Section:
+    return _chosen_settings(value, "optim", "builder", {name: cls for name, (_, cls) in OPTIMIZERS.items()}, "sgd")
+
+
+class RunScalars(Section):
+    """conf/train.yaml's own keys. Checked before the sections, because sections copy some of them by
+    interpolation (`model.whitening.seed: ${seed}`, `trainer.max_epochs: ${ceil:${epochs}}`): a bad
+    `seed=-1` is named as `seed`, not as the copy that fails first."""
+
+    task_name: str
+    applied_tricks: dict[str, str]
+    seed: int = Field(ge=0, le=MAX_SEED, description="any integer in [0, 2^32 - 1]")
+    tags: list[str]
+    cpu_mixed_precision: Literal["bf16-mixed", "32-true", "16-mixed"]
+    epochs: float = Field(gt=0, description="e.g. epochs=24 (Page's baseline), 10 (his final), 9.9 (airbench)")
+    target_acc: float = Field(ge=0, le=1)
+    channels_last: bool
+    nan_check_every: int = Field(ge=1)
+    ckpt_path: str | None
+    resume: bool
+
+
+class TrainSettings(RunScalars):
     """conf/train.yaml, composed: what a training run reads."""
 
     data: DataSettings
@@ -218,20 +264,9 @@ class TrainSettings(Section):
     logger: Any
     callbacks: Any
     paths: PathSettings
-    task_name: str
-    applied_tricks: dict[str, str]
-    seed: int = Field(ge=0, le=MAX_SEED, description="any integer in [0, 2^32 - 1]")
-    tags: list[str]
-    cpu_mixed_precision: Literal["bf16-mixed", "32-true", "16-mixed"]
-    epochs: float = Field(gt=0, description="e.g. epochs=24 (Page's baseline), 10 (his final), 9.9 (airbench)")
-    target_acc: float = Field(ge=0, le=1)
     loss: LossSettings
     tta: TTASettings
     compile: CompileSettings
-    channels_last: bool
-    nan_check_every: int = Field(ge=1)
-    ckpt_path: str | None
-    resume: bool
 
     _model = field_validator("model", mode="before")(lambda cls, value: _family_settings(value))
     _optim = field_validator("optim", mode="before")(lambda cls, value: _optim_settings(value))
@@ -267,6 +302,12 @@ def check_run_length(run: TrainSettings) -> None:
                         f"{[round(k, 4) for k in knots]}: raise epochs or give the knots)") from None
     if knots[0] < 0:
         raise UserError(f"optim.schedule.epochs={knots} starts before epoch 0")
+    own = getattr(run.optim, "whiten_bias_schedule", None)  # muon: the whitening bias's own lr schedule
+    if own is not None:
+        try:
+            check_schedule(resolve_knots(list(own.epochs), epochs), list(own.factors))
+        except UserError as error:
+            raise UserError(str(error).replace("optim.schedule", "optim.whiten_bias_schedule")) from None
     if knots[-1] > epochs:
         raise UserError(
             f"optim.schedule.epochs ends at {knots[-1]:g} but the run has epochs={epochs:g}: the schedule would be cut "
@@ -332,6 +373,8 @@ def check_train(cfg: Any) -> TrainSettings:
     setting, trick=frozen_bn_scale's optim.bias_lr_factor with an optimizer that has no such factor)
     is refused naming the trick.
     """
+    if hasattr(cfg, "get"):
+        check(RunScalars, {key: plain(cfg.get(key), key) for key in RunScalars.model_fields if key in cfg})
     data = _without_hydra(plain(cfg))
     try:
         return check(TrainSettings, data)

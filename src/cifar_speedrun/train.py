@@ -44,7 +44,7 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
     if torch.cuda.is_available() or cfg.trainer.accelerator not in ("auto", "cpu") or cfg.model.width < 0.5:
         return
     norm = cfg.model.get("norm") or {}
-    splits = int(norm.get("ghost_splits", 1)) if norm.get("kind") == "ghost" else 1
+    splits = int(norm.ghost_splits) if norm.kind == "ghost" else 1
     size = splits * max(1, -(-16 // splits))  # 16 images, or the fewest that ghost BN's splits divide
     probe = torch.randn(size, 3, 32, 32)
     saved = {key: value.clone() for key, value in net.state_dict().items()}  # BN statistics change below
@@ -145,7 +145,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     eff = module.effective
     numbers = ", ".join(f"{key} {value:.4g}" for key, value in eff.items()
                         if isinstance(value, float) and key not in ("schedule_epochs", "schedule_factors"))
-    builder = str(cfg.optim.get("builder", "page_sgd")).rsplit(".", 1)[-1]
+    builder = str(cfg.optim.builder).rsplit(".", 1)[-1]
     print(f"[optim] {builder}: {numbers}, batch {eff['batch_size']}; lr schedule: epochs "
           f"{[round(k, 4) for k in eff['schedule_epochs']]} -> factors {eff['schedule_factors']}; tricks: "
           f"{', '.join(tricks) or 'none'}; data: {run_config['data_source']}", flush=True)

@@ -78,11 +78,20 @@ def user_error(error: ValidationError, section: type[BaseModel], data: Any, pref
         shown = value.get(tag) if isinstance(value, Mapping) else value
         return UserError(f"{tag_key}={shown!r} is not known; use {expected}")
     if kind == "literal_error":
-        options = _literal_options(field)
+        options = list(dict.fromkeys(str(o) for o in _literal_options(field)))  # 32 and "32" once
         hint = f" ({field.description})" if field is not None and field.description else ""
-        return UserError(f"{key}={value!r} is not known; use {', '.join(str(o) for o in options)}{hint}")
+        return UserError(f"{key}={value!r} is not known; use {', '.join(options)}{hint}")
     if kind == "value_error" or kind == "assertion_error":
-        return UserError(f"{key}: {first['msg'].removeprefix('Value error, ')}")
+        message = first["msg"].removeprefix("Value error, ")
+        return UserError(message if message.startswith(key + ".") or message.startswith(key + "=")
+                         else f"{key}: {message}")
+    if kind == "too_short":
+        return UserError(f"{key}={value!r} must be a list of at least {first.get('ctx', {}).get('min_length')} items")
+    if kind == "too_long":
+        return UserError(f"{key}={value!r} must be a list of at most {first.get('ctx', {}).get('max_length')} items"
+                         + (f"; {field.description}" if field is not None and field.description else ""))
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return UserError(f"{key}={value!r} must be a group of settings (key: value)")
     what = describe(field)
     if kind == "finite_number" and what.startswith("a "):
         what = "a finite " + what.split(" ", 1)[1]
@@ -153,6 +162,19 @@ def _union_members(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+def _annotated_members(annotation: Any) -> list[list[Any]]:
+    """The constraints inside each `Annotated[...]` member of a union (FieldInfo metadata flattened)."""
+    out = []
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else []
+    for member in members:
+        if typing.get_origin(member) is Annotated:
+            flat: list[Any] = []
+            for item in typing.get_args(member)[1:]:
+                flat += list(item.metadata) if isinstance(item, FieldInfo) else [item]
+            out.append(flat)
+    return out
+
+
 def _models(annotation: Any) -> list[type[BaseModel]]:
     return [m for m in _union_members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
 
@@ -218,7 +240,10 @@ def describe(field: FieldInfo | None) -> str:
     integer = kinds <= {int}
     low = high = None
     low_open = high_open = False
-    for constraint in field.metadata:
+    constraints = list(field.metadata)
+    for member in _annotated_members(field.annotation):  # `Annotated[int, Field(ge=1)] | None`
+        constraints += member
+    for constraint in constraints:
         if isinstance(constraint, annotated_types.Ge):
             low = constraint.ge
         elif isinstance(constraint, annotated_types.Gt):
@@ -232,13 +257,17 @@ def describe(field: FieldInfo | None) -> str:
     if integer and low == 1 and not low_open and high is None:
         return "a positive integer" + suffix
     noun = "an integer" if integer else "a number"
+
+    def shown(bound: float) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     if low is not None and high is not None:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        text = f"{noun} in {left}{low:g}, {high:g}{right}"
+        text = f"{noun} in {left}{shown(low)}, {shown(high)}{right}"
     elif low is not None:
-        text = f"{noun} {'>' if low_open else '>='} {low:g}"
+        text = f"{noun} {'>' if low_open else '>='} {shown(low)}"
     elif high is not None:
-        text = f"{noun} {'<' if high_open else '<='} {high:g}"
+        text = f"{noun} {'<' if high_open else '<='} {shown(high)}"
     else:
         text = noun
     return text + suffix
@@ -256,24 +285,31 @@ def unknown_key(key: str, name: str, known: Mapping[str, Any], reason: str = "")
                      "drop the `+` to override an existing key) or from a trick meant for another model or optimizer")
 
 
-def plain(node: Any) -> Any:
+def plain(node: Any, prefix: str = "") -> Any:
     """A config node as plain dicts and lists, for validation.
 
     A value that cannot be resolved yet (`${hydra:runtime.output_dir}/checkpoints` before the job
-    starts) stays as its text: it is a string, and its real value is checked where it is used.
+    starts) stays as its text: it is a string, and its real value is checked where it is used. Any
+    other interpolation that does not resolve (a missing key, an unset variable) is one UserError.
     """
     from omegaconf import DictConfig, ListConfig
+    from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(node, DictConfig):
-        out = {}
-        for key in node.keys():
+    if isinstance(node, (DictConfig, ListConfig)):
+        out: dict[Any, Any] = {}
+        for key in list(node.keys()) if isinstance(node, DictConfig) else range(len(node)):
+            where = f"{prefix}.{key}" if prefix and isinstance(node, DictConfig) else (
+                f"{prefix}[{key}]" if prefix else str(key))
             try:
-                out[str(key)] = plain(node[key])
-            except Exception:  # noqa: BLE001 - an interpolation that needs the running job (hydra:...)
-                out[str(key)] = str(node._get_node(key)._value())  # type: ignore[union-attr]
-        return out
-    if isinstance(node, ListConfig):
-        return [plain(item) for item in node]
+                out[key] = plain(node[key], where)
+            except (OmegaConfBaseException, ValueError, TypeError, ArithmeticError) as error:
+                text = str(node._get_node(key)._value())  # type: ignore[union-attr]
+                if "hydra" not in f"{text} {error}".lower():  # only the running job resolves ${hydra:...}
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    raise UserError(f"{where}={text} cannot be resolved ({reason}): fix the key it refers to") \
+                        from None
+                out[key] = text
+        return out if isinstance(node, DictConfig) else [out[i] for i in range(len(out))]
     if isinstance(node, Mapping):
         return {key: plain(value) for key, value in node.items()}
     if isinstance(node, (list, tuple)):

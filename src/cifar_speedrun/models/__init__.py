@@ -14,8 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from cifar_speedrun.errors import UserError
 from cifar_speedrun.models.base import FAMILIES, ModelFamily, ModelSettings, target_of
 from cifar_speedrun.models.layers import count_parameters
+from cifar_speedrun.typed_sections import check
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -29,13 +31,14 @@ def by_name(name: str) -> type[ModelFamily]:
         if family.name == name:
             return family
     known = sorted({family.name for family in FAMILIES.values()})
-    raise KeyError(f"no model family {name!r}; known: {', '.join(known)}")
+    raise UserError(f"model={name!r} is not a model family; use {', '.join(known)}")
 
 
 def default_settings(name: str, seed: int = 0) -> dict[str, Any]:
     """conf/model/<name>.yaml's settings (its `${seed}` as `seed`): the one place a family's defaults live."""
     from omegaconf import OmegaConf
 
+    by_name(name)  # one line for an unknown family, before looking for its yaml
     node = OmegaConf.load(CONF_MODEL_DIR / f"{name}.yaml")
     resolved = OmegaConf.to_container(OmegaConf.merge({"seed": seed, "model": node}), resolve=True)
     settings = dict(resolved["model"])  # type: ignore[index]
@@ -58,14 +61,14 @@ def build_norm(channels: int, family: str = "davidnet", **overrides: Any) -> nn.
     """One norm layer with `family`'s yaml norm settings and `overrides` (e.g. kind="ghost", ghost_splits=4)."""
     from cifar_speedrun.models.base import NormSettings
 
-    return NormSettings(**{**default_settings(family)["norm"], **overrides}).factory()(channels)
+    return check(NormSettings, {**default_settings(family)["norm"], **overrides}, "model.norm").factory()(channels)
 
 
 def build_whitening(family: str = "davidnet", **overrides: Any) -> nn.Module:
     """A PatchWhitening layer with `family`'s yaml whitening settings and `overrides`."""
     from cifar_speedrun.models.base import WhiteningSettings
 
-    return WhiteningSettings(**{**default_settings(family)["whitening"], **overrides}).layer()
+    return check(WhiteningSettings, {**default_settings(family)["whitening"], **overrides}, "model.whitening").layer()
 
 
 __all__ = ["FAMILIES", "ModelFamily", "ModelSettings", "build", "build_norm", "build_whitening", "by_name",

@@ -27,7 +27,8 @@ from cifar_speedrun.models.layers import Scale, dirac_init_
 
 
 class AirbenchSettings(ModelSettings):
-    widths: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    widths: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1, max_length=4, description="each block halves the image: 31 px allows 4 (airbench: 3)")
     # null: logits divided by the feature count (airbench94_muon's `head(x) / x.size(-1)`).
     logit_scale: Annotated[float, Field(gt=0)] | None  # type: ignore[assignment]
     unit_head_init: bool
