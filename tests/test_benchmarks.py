@@ -20,17 +20,18 @@ def _run(args: list[str], archive: str, cache_dir: str) -> subprocess.CompletedP
 @pytest.mark.slow
 def test_gpu_speedrun_smoke_runs_recipes_side_by_side_on_cpu(tmp_path: Path, archive: str, cache_dir: str,
                                                               real_data) -> None:
+    # Two recipes, two seeds each (airbench94_muon's step is covered by step_cost below; CI time is kept).
     result = _run(["benchmarks/gpu_speedrun.py", "--smoke", "--seeds", "2", "--experiments", "page_final",
-                   "airbench94", "airbench94_muon", "--out", str(tmp_path)], archive, cache_dir)
+                   "airbench94", "--out", str(tmp_path)], archive, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_speedrun.json").read_text())
-    assert len(report["runs"]) == 6 and {r["seed"] for r in report["runs"]} == {0, 1}
-    assert set(report["summary"]) == {"page_final 32-true", "airbench94 32-true", "airbench94_muon 32-true"}
+    assert len(report["runs"]) == 4 and {r["seed"] for r in report["runs"]} == {0, 1}
+    assert set(report["summary"]) == {"page_final 32-true", "airbench94 32-true"}
     assert all(s["n"] == 2 for s in report["summary"].values())
     assert all(r["eval_seconds"] > 0 and r["fit_seconds"] is not None for r in report["runs"])
     assert "(95% CI)" in result.stdout and "by airbench's rules" in result.stdout
     assert all(r["step_ms"]["host_ms"]["median"] > 0 for r in report["runs"]), "host ms/step of every run"
-    assert set(report["warmups"]) == {"page_final", "airbench94", "airbench94_muon"}
+    assert set(report["warmups"]) == {"page_final", "airbench94"}
     page = json.loads((tmp_path / "runs" / "page_final-32-true-seed0" / "results.json").read_text())
     assert set(page["tricks"]) >= {"ghost_bn", "whitening", "ema", "tta"}
     airbench = json.loads((tmp_path / "runs" / "airbench94-32-true-seed0" / "results.json").read_text())
