@@ -80,7 +80,8 @@ def test_step_cost_counts_no_sync_and_few_ops_beyond_the_recipe(tmp_path: Path, 
     """Counts may be asserted (times may not): no host sync in a step, and at most 1.25x the ops of the
     same recipe written as a plain loop (issue 18)."""
     out = tmp_path / "step_cost.json"
-    result = _run(["benchmarks/step_cost.py", "--repeats", "1", "--experiments", "page_final", "airbench94_muon",
+    # One recipe (Muon's, the most ops): test_step.py counts the syncs of every recipe; CI time is kept.
+    result = _run(["benchmarks/step_cost.py", "--repeats", "1", "--experiments", "airbench94_muon",
                    "--json", str(out)], archive, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "host ms/step median" in result.stdout and "ops the project adds per step" in result.stdout
