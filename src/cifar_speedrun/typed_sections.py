@@ -71,12 +71,6 @@ def user_error(error: ValidationError, section: type[BaseModel], data: Any, pref
         return unknown_key(key, key.rsplit(".", 1)[-1], names)
     if kind == "missing":
         return UserError(f"{key} is missing: the config must set it (conf/ has every key; was it deleted with ~?)")
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        tag = first.get("ctx", {}).get("discriminator", "").strip("'")
-        expected = first.get("ctx", {}).get("expected_tags", "")
-        tag_key = f"{key}.{tag}" if key else tag
-        shown = value.get(tag) if isinstance(value, Mapping) else value
-        return UserError(f"{tag_key}={shown!r} is not known; use {expected}")
     if kind == "literal_error":
         options = list(dict.fromkeys(str(o) for o in _literal_options(field)))  # 32 and "32" once
         hint = f" ({field.description})" if field is not None and field.description else ""
@@ -96,39 +90,29 @@ def user_error(error: ValidationError, section: type[BaseModel], data: Any, pref
     if kind == "finite_number" and what.startswith("a "):
         what = "a finite " + what.split(" ", 1)[1]
     hint = field.description if field is not None and field.description else ""
-    shown = value
-    return UserError(f"{key}={shown!r} must be {what}" + (f"; {hint}" if hint else ""))
+    return UserError(f"{key}={value!r} must be {what}" + (f"; {hint}" if hint else ""))
 
 
 def _walk(section: type[BaseModel], data: Any, loc: tuple[Any, ...], prefix: str
           ) -> tuple[str, FieldInfo | None, type[BaseModel] | None, Any]:
     """Follow pydantic's `loc` through the section classes: the dotted key, its field, its section, its value.
 
-    A discriminated union adds its tag to `loc` (('optim', 'cifar_speedrun.optim.page_sgd', 'lrr')):
-    the tag is not a key, so it is skipped and the tagged class followed instead.
+    Sections chosen by a value (the model by `_target_`, the optimizer by `builder`) are checked on their
+    own (settings._chosen_settings), so `loc` holds only keys and list indices.
     """
     key = prefix
     owner: type[BaseModel] | None = section
     field: FieldInfo | None = None
     annotation: Any = section
     value: Any = data
-    index = 0
-    while index < len(loc):
-        part = loc[index]
-        classes = _models(annotation)
+    for part in loc:
         if isinstance(part, int):
             key = f"{key}[{part}]"
             value = value[part] if isinstance(value, (list, tuple)) and part < len(value) else None
             annotation = _item(annotation)
             field = _item_field(annotation, field)
-            index += 1
             continue
-        if len(classes) > 1:  # a union: the tag names the member
-            tagged = [c for c in classes if _tag_of(c) == part]
-            if tagged:
-                annotation, owner = tagged[0], tagged[0]
-                index += 1
-                continue
+        classes = _models(annotation)
         model = classes[0] if classes else None
         owner = model
         name = str(part)
@@ -138,7 +122,6 @@ def _walk(section: type[BaseModel], data: Any, loc: tuple[Any, ...], prefix: str
         annotation = field.annotation if field is not None else None
         if field is not None and field.metadata:
             annotation = Annotated[(annotation, *field.metadata)] if annotation is not None else None
-        index += 1
     return key, field, owner, value
 
 
@@ -177,18 +160,6 @@ def _annotated_members(annotation: Any) -> list[list[Any]]:
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
     return [m for m in _union_members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
-
-
-def _tag_of(model: type[BaseModel]) -> Any:
-    for info in model.model_fields.values():
-        options = _literal_options(info)
-        if len(options) == 1 and info.alias in ("_target_",):
-            return options[0]
-    for name in ("builder",):
-        info = model.model_fields.get(name)
-        if info is not None and _literal_options(info):
-            return _literal_options(info)[0]
-    return None
 
 
 def _item(annotation: Any) -> Any:
