@@ -131,6 +131,11 @@ def test_compare_says_in_words_whether_more_seeds_are_needed() -> None:
     text = report_lib.compare(rows, "1", "2")
     assert "significant at the 5% level: the difference is resolved" in text
     assert "Resolution: with n = 3 seeds" in report_lib.power_line(rows)
+    # Unequal spreads at n = 2 (Page's s1 and s2 rows on the proxy): the equal-sd plan says n = 2 would do,
+    # yet these two seeds do not resolve it (Welch, 1.1 degrees of freedom): never ask for the n in hand.
+    rows = [_row("s1", [0.8353, 0.8347]), _row("s2", [0.8213, 0.8250])]
+    text = report_lib.compare(rows, "1", "2")
+    assert "not significant" in text and "about n = 3 per row would resolve 1.18 points" in text
 
 
 def test_learning_curves_are_drawn_for_ten_rows(tmp_path: Path) -> None:

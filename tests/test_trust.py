@@ -562,6 +562,21 @@ def test_the_run_line_lists_only_tricks_in_effect() -> None:
     assert tricks_in_effect(["mixed_precision", "ema"], "bf16-mixed") == (["mixed_precision", "ema"], [])
 
 
+def test_results_name_the_commit_the_run_started_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout edited during a run (a results CSV merged, a doc fixed) does not relabel the run's code."""
+    from types import SimpleNamespace
+
+    from cifar_speedrun import callbacks
+
+    monkeypatch.setattr(callbacks, "code_version", lambda: "abc123")
+    writer = callbacks.ResultsWriter(str(tmp_path))
+    monkeypatch.setattr(callbacks, "code_version", lambda: "abc123-dirty")  # the tree changes mid-run
+    trainer = SimpleNamespace(callbacks=[], datamodule=None, max_epochs=1, precision="32-true", world_size=1,
+                              is_global_zero=True)
+    writer.record(trainer, SimpleNamespace(hparams={}, device=torch.device("cpu")), "ok")  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "results.json").read_text())["git_commit"] == "abc123"
+
+
 @pytest.mark.slow
 def test_results_name_the_code_commit_and_no_lightning_chatter(tmp_path: Path, archive: str, cache_dir: str) -> None:
     """Started from outside the checkout (cwd is a temp folder), a run still records the code's commit."""

@@ -340,7 +340,9 @@ class ResultsWriter(Callback):
     def __init__(self, output_dir: str, filename: str = "results.json") -> None:
         self.path = storage.join(output_dir, filename)
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self._commit: str | None = None
+        # The code that trains is the code imported at the start: a checkout edited while the run goes on
+        # (results written, docs changed) must not relabel it as '-dirty' or as another commit at the end.
+        self._commit = code_version()
         self.result: dict[str, Any] | None = None  # the last record written
         self.write_error: Exception | None = None
 
@@ -352,8 +354,6 @@ class ResultsWriter(Callback):
         timer = self._timer(trainer)
         history = timer.history if timer else []
         run_config = dict(getattr(module, "hparams", {}).get("run_config") or {})
-        if self._commit is None:
-            self._commit = code_version()
         result = {
             "status": status,
             "error": error,
