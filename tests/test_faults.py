@@ -561,8 +561,13 @@ def test_model_helpers_and_averaging_callbacks_refuse_in_one_line() -> None:
                           (lambda: build_whitening(kernel_size=0), "model.whitening.kernel_size=0 must be"),
                           (lambda: EMA(momentum=0.99, every_n_steps=0), "callbacks.ema.every_n_steps=0 must be"),
                           (lambda: EMA(momentum=1.5, every_n_steps=5), "callbacks.ema.momentum=1.5 must be"),
+                          (lambda: EMA(momentum=float("nan"), every_n_steps=5),
+                           "callbacks.ema.momentum=nan must be a finite number"),
                           (lambda: Lookahead(decay_base="abc", decay_pow=3.0, every_n_steps=5, start_epochs=3),
-                           "callbacks.lookahead.decay_base='abc' must be")):
+                           "callbacks.lookahead.decay_base='abc' must be"),
+                          # int() would have truncated it; the run would start averaging at another epoch
+                          (lambda: Lookahead(decay_base=0.95, decay_pow=3.0, every_n_steps=5, start_epochs=1.5),
+                           "callbacks.lookahead.start_epochs=1.5 must be an integer")):
         with pytest.raises(UserError) as info:
             call()
         assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
@@ -586,7 +591,7 @@ def test_a_failure_while_building_names_the_key_and_the_cause(tmp_path: Path, ar
     # Our own callbacks check their numbers: a mistake to fix, named by its key.
     code, err = _main([*TINY, f"data.path={archive}", f"paths.cache_dir={cache_dir}", "+trick=ema",
                        "callbacks.ema.momentum=abc", f"hydra.run.dir={tmp_path}/run2"], monkeypatch, capsys)
-    assert code == 2 and "callbacks.ema.momentum='abc' must be a finite number in [0, 1)" in _one_error_line(err)
+    assert code == 2 and "callbacks.ema.momentum='abc' must be a number in [0, 1); Page: 0.99" in _one_error_line(err)
 
 
 def test_an_unquoted_path_with_a_space_says_to_quote_it(monkeypatch, capsys) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import platform
 import socket
@@ -14,10 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
+from pydantic import Field
 
 from cifar_speedrun import storage
 from cifar_speedrun.devices import device_name
-from cifar_speedrun.errors import UserError
+from cifar_speedrun.typed_sections import Section, check
 
 
 def _synchronize(device: torch.device) -> None:
@@ -531,17 +531,22 @@ class _GuardedAveraging(WeightAveraging):
                                          if not name.startswith("module.")}
 
 
-def _check_averaging(name: str, every_n_steps: Any, **numbers: Any) -> None:
-    """The averaging callbacks' settings (callbacks.<name>.*, set by trick=ema / trick=lookahead): a callback
-    has no typed section of its own, so its few numbers are checked here, in one line each."""
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise UserError(f"callbacks.{name}.every_n_steps={every_n_steps!r} must be a positive integer (Page: 5)")
-    for key, value in numbers.items():
-        low, high = (0.0, 1.0) if key in ("momentum", "decay_base") else (0.0, math.inf)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high \
-                or not math.isfinite(value):
-            span = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
-            raise UserError(f"callbacks.{name}.{key}={value!r} must be a finite number {span}")
+class EMASettings(Section):
+    """callbacks.ema (trick=ema): a callback has no section in settings.py, so its own is declared here."""
+
+    momentum: float = Field(ge=0, lt=1, description="Page: 0.99 per step")
+    every_n_steps: int = Field(ge=1, description="Page: 5")
+    use_buffers: bool
+
+
+class LookaheadSettings(Section):
+    """callbacks.lookahead (trick=lookahead), with airbench94's values as the hints."""
+
+    decay_base: float = Field(ge=0, lt=1, description="airbench94: 0.95")
+    decay_pow: float = Field(ge=0, description="airbench94: 3")
+    every_n_steps: int = Field(ge=1, description="airbench94: 5")
+    start_epochs: int = Field(ge=0, description="airbench94: 3")
+    use_buffers: bool
 
 
 class EMA(_GuardedAveraging):
@@ -559,7 +564,8 @@ class EMA(_GuardedAveraging):
     """
 
     def __init__(self, *, momentum: float, every_n_steps: int, use_buffers: bool = True) -> None:
-        _check_averaging("ema", every_n_steps, momentum=momentum)
+        check(EMASettings, {"momentum": momentum, "every_n_steps": every_n_steps, "use_buffers": use_buffers},
+              "callbacks.ema")
         self.momentum = float(momentum)
         self.every_n_steps = int(every_n_steps)
         self.decay = self.momentum**self.every_n_steps
@@ -585,8 +591,8 @@ class Lookahead(_GuardedAveraging):
 
     def __init__(self, *, decay_base: float, decay_pow: float, every_n_steps: int, start_epochs: int,
                  use_buffers: bool = True) -> None:
-        _check_averaging("lookahead", every_n_steps, decay_base=decay_base, decay_pow=decay_pow,
-                         start_epochs=start_epochs)
+        check(LookaheadSettings, {"decay_base": decay_base, "decay_pow": decay_pow, "every_n_steps": every_n_steps,
+                                  "start_epochs": start_epochs, "use_buffers": use_buffers}, "callbacks.lookahead")
         self.decay_base, self.decay_pow = float(decay_base), float(decay_pow)
         self.every_n_steps, self.start_epochs = int(every_n_steps), int(start_epochs)
         self.decay = 0.0  # the decay of the next update
