@@ -85,7 +85,7 @@ def main() -> None:
         after = accuracy(model.net, test, data.test_y, args.batch)
         print(f"{path}: as saved {before:.2f}% -> BN statistics re-estimated {after:.2f}% "
               f"({after - before:+.2f} points, {layers} BN layers)")
-        rows.append({"model": path, "tricks": " ".join(model.about.get("tricks") or []),
+        rows.append({"run": path, "tricks": " ".join(model.about.get("tricks") or []),
                      "seed": model.about.get("seed"), "test_acc_as_saved": f"{before:.2f}",
                      "test_acc_bn_reestimated": f"{after:.2f}", "images": usable, "batch": args.batch,
                      "shuffle_seed": args.seed})

@@ -90,3 +90,41 @@ def test_step_cost_counts_no_sync_and_few_ops_beyond_the_recipe(tmp_path: Path, 
         assert project["syncs"] == 0 and recipe["syncs"] == 0, row["experiment"]
         assert project["ops"] <= 1.25 * recipe["ops"], (row["experiment"], project["ops"], recipe["ops"])
         assert project["steps"] == recipe["steps"] > 100
+
+
+@pytest.mark.slow
+def test_bn_recalibration_replaces_the_saved_statistics_entirely(tmp_path: Path, archive: str, cache_dir: str,
+                                                                  real_data) -> None:
+    """A model.pt whose BN statistics are wrecked (ghost BN's per-split ones too) scores far lower as saved,
+    and after re-estimation it scores exactly what the intact model scores: nothing saved survives."""
+    import csv
+
+    import torch
+    from conftest import TINY, run_train
+
+    trained = run_train([*TINY, "+trick=ghost_bn", "model.norm.ghost_splits=4", f"hydra.run.dir={tmp_path}/run"],
+                        tmp_path, cache_dir, archive)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    intact = tmp_path / "run" / "model.pt"
+    blob = torch.load(intact, weights_only=True)
+    wrecked_keys = [key for key in blob["state_dict"] if "running_mean" in key or "running_var" in key]
+    assert any(key.endswith("split_running_var") for key in wrecked_keys), "the run used ghost BN"
+    for key in wrecked_keys:
+        blob["state_dict"][key] = blob["state_dict"][key] + 5.0 if "mean" in key else blob["state_dict"][key] * 50.0
+    wrecked = tmp_path / "wrecked.pt"
+    torch.save(blob, wrecked)
+
+    out = tmp_path / "bn.csv"
+    result = _run(["benchmarks/bn_recalibration.py", str(intact), str(wrecked), "--images", "1024", "--batch", "128",
+                   "--path", archive, "--cache-dir", cache_dir, "--csv", str(out)], archive, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {Path(row["run"]).name: row for row in csv.DictReader(out.open())}
+    assert set(rows) == {"model.pt", "wrecked.pt"} and "re-estimated" in result.stdout
+    wrecked_row = rows["wrecked.pt"]
+    as_saved, after = float(wrecked_row["test_acc_as_saved"]), float(wrecked_row["test_acc_bn_reestimated"])
+    intact_as_saved = float(rows["model.pt"]["test_acc_as_saved"])
+    # The wrecked statistics cost accuracy (a 1-epoch model is weak, so the gap is a few points) ...
+    assert as_saved < min(intact_as_saved, after) - 2, rows
+    # ... and re-estimating replaces them whole: the wrecked and the intact file end identical.
+    assert after == float(rows["model.pt"]["test_acc_bn_reestimated"]), rows
+    assert rows["model.pt"]["tricks"].split().count("ghost_bn") == 1 and rows["model.pt"]["images"] == "1024"
