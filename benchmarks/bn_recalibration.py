@@ -6,7 +6,7 @@ as saved, then re-estimates every BN layer's running mean and variance from un-a
 images (train-mode forward passes over shuffled batches of `--batch` images, ghost BN split as in
 training; each layer's statistics are the plain mean over batches, not a moving average) and
 evaluates again. A large jump says the statistics, not the weights, were off; a run with EMA,
-whose averaged statistics match its averaged weights, should barely move. Both numbers are without
+whose averaged statistics match its averaged weights, should move less. Both numbers are without
 TTA, so they sit below a TTA run's own results.json. Neither the model file nor the run is changed.
 
     python benchmarks/bn_recalibration.py <run>/model.pt [<run2>/model.pt ...]

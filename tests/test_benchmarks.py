@@ -95,8 +95,8 @@ def test_step_cost_counts_no_sync_and_few_ops_beyond_the_recipe(tmp_path: Path, 
 @pytest.mark.slow
 def test_bn_recalibration_replaces_the_saved_statistics_entirely(tmp_path: Path, archive: str, cache_dir: str,
                                                                   real_data) -> None:
-    """A model.pt whose BN statistics are wrecked (ghost BN's per-split ones too) scores far lower as saved,
-    and after re-estimation it scores exactly what the intact model scores: nothing saved survives."""
+    """End to end, as a user runs it: a model.pt whose BN statistics are wrecked (ghost BN's per-split ones too)
+    scores lower as saved, and after re-estimation exactly what the intact model scores after re-estimation."""
     import csv
 
     import torch
@@ -128,3 +128,51 @@ def test_bn_recalibration_replaces_the_saved_statistics_entirely(tmp_path: Path,
     # ... and re-estimating replaces them whole: the wrecked and the intact file end identical.
     assert after == float(rows["model.pt"]["test_acc_bn_reestimated"]), rows
     assert rows["model.pt"]["tricks"].split().count("ghost_bn") == 1 and rows["model.pt"]["images"] == "1024"
+
+
+def test_bn_recalibration_sets_each_statistic_to_the_plain_mean_over_batches() -> None:
+    """recalibrate() against a direct computation: stock BN's running mean/var become the mean over the
+    batches of each batch's mean and unbiased variance (nothing saved survives, no moving average), and
+    ghost BN's per-split statistics the mean over batches of what one pass on that batch alone gives."""
+    import copy
+    import importlib
+
+    import torch
+    from torch import nn
+
+    from cifar_speedrun.models.layers import GhostBatchNorm
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        recalibrate = importlib.import_module("bn_recalibration").recalibrate
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3, 4, 4) * (k + 1) + k for k in range(3)]  # batches that differ, so order shows
+    images = torch.cat(batches)
+
+    plain = nn.Sequential(nn.BatchNorm2d(3))
+    plain[0].running_mean.fill_(7.0)
+    plain[0].running_var.fill_(9.0)
+    assert recalibrate(plain, images, batch=8) == 1
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches])
+    variances = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1, unbiased=True) for b in batches])
+    torch.testing.assert_close(plain[0].running_mean, means.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain[0].running_var, variances.mean(0), rtol=0, atol=1e-5)
+    assert not plain.training, "left in eval mode"
+
+    ghost = GhostBatchNorm(3, splits=2, eps=1e-5, momentum=0.1, scale_init=1.0, freeze_scale=False, float32=False)
+    one_pass = []
+    for batch_images in batches:
+        alone = copy.deepcopy(ghost).train()
+        alone.momentum = 1.0
+        with torch.no_grad():
+            alone(batch_images)
+        one_pass.append((alone.split_running_mean.clone(), alone.split_running_var.clone()))
+    ghost.split_running_mean.fill_(7.0)
+    ghost.split_running_var.fill_(9.0)
+    assert recalibrate(nn.Sequential(ghost), images, batch=8) == 1
+    torch.testing.assert_close(ghost.split_running_mean, torch.stack([m for m, _ in one_pass]).mean(0),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(ghost.split_running_var, torch.stack([v for _, v in one_pass]).mean(0),
+                               rtol=0, atol=1e-5)
