@@ -23,13 +23,12 @@ import os
 import torch
 from _common import archive_path
 
-from cifar_speedrun.augment import standardize
 from cifar_speedrun.model_file import load_model
 from cifar_speedrun.sources import load_cifar10_uint8
 
 
 def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
-    """Eval-mode top-1 accuracy in percent."""
+    """Eval-mode top-1 accuracy in percent (`net`: the model file's Classifier, which normalizes uint8 images)."""
     net.eval()
     correct = 0
     with torch.no_grad():
@@ -78,11 +77,10 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     for path in args.models:
         model = load_model(path)
-        train = standardize(data.train_x[pick], model.mean.flatten().tolist(), model.std.flatten().tolist())
-        test = standardize(data.test_x, model.mean.flatten().tolist(), model.std.flatten().tolist())
-        before = accuracy(model.net, test, data.test_y, args.batch)
-        layers = recalibrate(model.net, train, args.batch)
-        after = accuracy(model.net, test, data.test_y, args.batch)
+        model.tta = {}  # the network alone: the file's own normalization, no test-time augmentation
+        before = accuracy(model, data.test_x, data.test_y, args.batch)
+        layers = recalibrate(model, data.train_x[pick], args.batch)
+        after = accuracy(model, data.test_x, data.test_y, args.batch)
         print(f"{path}: as saved {before:.2f}% -> BN statistics re-estimated {after:.2f}% "
               f"({after - before:+.2f} points, {layers} BN layers)")
         rows.append({"run": path, "tricks": " ".join(model.about.get("tricks") or []),
