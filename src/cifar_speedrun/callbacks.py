@@ -564,10 +564,9 @@ class EMA(_GuardedAveraging):
     """
 
     def __init__(self, *, momentum: float, every_n_steps: int, use_buffers: bool = True) -> None:
-        check(EMASettings, {"momentum": momentum, "every_n_steps": every_n_steps, "use_buffers": use_buffers},
-              "callbacks.ema")
-        self.momentum = float(momentum)
-        self.every_n_steps = int(every_n_steps)
+        settings = check(EMASettings, {"momentum": momentum, "every_n_steps": every_n_steps,
+                                       "use_buffers": use_buffers}, "callbacks.ema")
+        self.momentum, self.every_n_steps = settings.momentum, settings.every_n_steps
         self.decay = self.momentum**self.every_n_steps
         super().__init__(use_buffers=use_buffers)
 
@@ -591,10 +590,11 @@ class Lookahead(_GuardedAveraging):
 
     def __init__(self, *, decay_base: float, decay_pow: float, every_n_steps: int, start_epochs: int,
                  use_buffers: bool = True) -> None:
-        check(LookaheadSettings, {"decay_base": decay_base, "decay_pow": decay_pow, "every_n_steps": every_n_steps,
-                                  "start_epochs": start_epochs, "use_buffers": use_buffers}, "callbacks.lookahead")
-        self.decay_base, self.decay_pow = float(decay_base), float(decay_pow)
-        self.every_n_steps, self.start_epochs = int(every_n_steps), int(start_epochs)
+        settings = check(LookaheadSettings, {"decay_base": decay_base, "decay_pow": decay_pow,
+                                             "every_n_steps": every_n_steps, "start_epochs": start_epochs,
+                                             "use_buffers": use_buffers}, "callbacks.lookahead")
+        self.decay_base, self.decay_pow = settings.decay_base, settings.decay_pow
+        self.every_n_steps, self.start_epochs = settings.every_n_steps, settings.start_epochs
         self.decay = 0.0  # the decay of the next update
         self._epoch = 0
         super().__init__(use_buffers=use_buffers)
