@@ -1,13 +1,14 @@
 """Is a run's test accuracy held back by its BatchNorm running statistics? Re-estimate them and see.
 
 The leave-one-out on the proxy (docs/results.md) has a no-EMA run at 72.31% whose two sibling seeds
-score about 80%. This script takes saved models (`<run>/model.pt`), evaluates each on the test set
-as saved, then re-estimates every BN layer's running mean and variance from un-augmented training
-images (train-mode forward passes over shuffled batches of `--batch` images, ghost BN split as in
-training; each layer's statistics are the plain mean over batches, not a moving average) and
-evaluates again. A large jump says the statistics, not the weights, were off; a run with EMA,
-whose averaged statistics match its averaged weights, should move less. Both numbers are without
-TTA, so they sit below a TTA run's own results.json. Neither the model file nor the run is changed.
+score about 80%. This script takes saved models (`<run>/model.pt`), evaluates each on the whole
+test set (10,000 images, whatever `data.test_subset` the run had) as saved, then re-estimates every
+BN layer's running mean and variance from un-augmented training images (train-mode forward passes
+over shuffled batches of `--batch` images, ghost BN split as in training; each layer's statistics
+are the plain mean over batches, not a moving average) and evaluates again. A large jump says the
+statistics, not the weights, were off; a run with EMA, whose averaged statistics match its averaged
+weights, should move less. Both numbers are without TTA, so they sit below a TTA run's own
+results.json. Neither the model file nor the run is changed.
 
     python benchmarks/bn_recalibration.py <run>/model.pt [<run2>/model.pt ...]
 
@@ -56,15 +57,16 @@ def recalibrate(net: torch.nn.Module, images: torch.Tensor, batch: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("models", nargs="+", help="model.pt files written by train.py")
     parser.add_argument("--images", type=int, default=10_000, help="training images to re-estimate from")
-    parser.add_argument("--batch", type=int, default=512, help="batch size of the train-mode passes (Page: 512)")
+    parser.add_argument("--batch", type=int, default=512, help="batch size of the train-mode passes, Page's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle that picks the images")
     parser.add_argument("--source", default="image_folder", help="data.source of the runs")
-    parser.add_argument("--path", default=None, help="data.path (default: $CIFAR10_ARCHIVE or ../shared's copy)")
+    parser.add_argument("--path", default=None, help="data.path; None: $CIFAR10_ARCHIVE or ../shared's copy")
     parser.add_argument("--cache-dir", default=os.environ.get("CIFAR_SPEEDRUN_CACHE", "~/.cache/cifar_speedrun"),
-                        help="paths.cache_dir (default: $CIFAR_SPEEDRUN_CACHE, as conf/paths)")
+                        help="paths.cache_dir, from $CIFAR_SPEEDRUN_CACHE as in conf/paths")
     parser.add_argument("--csv", default=None, help="also write one row per model to this CSV")
     args = parser.parse_args()
 
@@ -73,7 +75,7 @@ def main() -> None:
     usable = args.images // args.batch * args.batch  # whole batches: ghost BN needs batch % splits == 0
     pick = order[:usable]
     print(f"re-estimating from {usable:,} shuffled training images in batches of {args.batch} (seed {args.seed}); "
-          "test accuracy without TTA")
+          f"test accuracy on all {len(data.test_y):,} test images, without TTA")
     rows: list[dict[str, object]] = []
     for path in args.models:
         model = load_model(path)
