@@ -11,9 +11,16 @@ so the first GPU run shows whether a recipe is host-bound. Prints per-seed accur
 then per experiment and precision the mean, std, 95% CI and the median times, and writes
 <out>/gpu_speedrun.json after every run (a timeout keeps what finished).
 
+--peer runs Keller Jordan's own `airbench` package (train94, unmodified; benchmarks/airbench_peer.py)
+first, on the same GPU and the same images (the project's decoded cache, exported in airbench's file
+layout): a warm-up, then N seeds, under report["peer"]. After the experiments every summary row gets
+its median train + eval seconds over the peer's median (airbench's timer: whitening + training + the
+final TTA evaluation) and its accuracy minus the peer's with a Welch 95% CI. With --smoke (or without
+CUDA) the peer only exports the data and checks it with airbench's CifarLoader on the CPU.
+
     python benchmarks/gpu_speedrun.py --seeds 5 [--experiments page_final airbench94 airbench94_muon]
                                       [--precision 16-mixed bf16-mixed] [--compile] [--compile-mode MODE]
-                                      [--out DIR] [--runs-dir DIR]
+                                      [--out DIR] [--runs-dir DIR] [--peer [--peer-seeds N]]
     python benchmarks/gpu_speedrun.py --smoke     # the same code path on the CPU, tiny (used by the tests)
 
 Data: $CIFAR10_ARCHIVE (an image_folder copy), or --official for torchvision's download.
@@ -28,9 +35,11 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import _common
+import airbench_peer
 import torch
 from omegaconf import open_dict
 
@@ -58,12 +67,121 @@ def summarize(accuracies: list[float], seconds: list[float]) -> dict[str, float]
             "median_train_seconds": statistics.median(seconds), "min_train_seconds": min(seconds)}
 
 
+def welch_difference(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float,
+                     n_b: int) -> tuple[float, float]:
+    """a - b and the half-width of its 95% CI, Welch's (unequal variances: the project and the peer
+    need not spread alike). The Welch-Satterthwaite degrees of freedom are rounded down, so the
+    t quantile from the table is the conservative one; NaN when either side has fewer than 2 runs."""
+    diff = mean_a - mean_b
+    if n_a < 2 or n_b < 2:
+        return diff, math.nan
+    var_a, var_b = std_a ** 2 / n_a, std_b ** 2 / n_b
+    if var_a + var_b == 0:
+        return diff, 0.0
+    dof = (var_a + var_b) ** 2 / (var_a ** 2 / (n_a - 1) + var_b ** 2 / (n_b - 1))
+    return diff, t975(max(1, math.floor(dof))) * math.sqrt(var_a + var_b)
+
+
+def peer_summary(runs: list[dict]) -> dict[str, float]:
+    """The peer's runs summarized as the project's rows are (summarize), under airbench's names."""
+    stats = summarize([r["tta_val_acc"] for r in runs], [r["total_seconds"] for r in runs])
+    return {"n": stats["n"], "mean_acc": stats["mean_acc"], "std": stats["std"], "ci95": stats["ci95"],
+            "median_seconds": stats["median_train_seconds"], "min_seconds": stats["min_train_seconds"]}
+
+
+def compare_to_peer(summary: dict[str, dict], peer: dict[str, float]) -> list[str]:
+    """Add `ratio_to_peer` (median train + eval seconds over the peer's median seconds, one timing
+    definition on both sides) and the accuracy difference project - peer with its Welch 95% CI to
+    every summary row; return one printable line per row."""
+    lines = []
+    for name, row in summary.items():
+        seconds = row["median_train_plus_eval_seconds"]
+        row["ratio_to_peer"] = seconds / peer["median_seconds"]
+        diff, ci = welch_difference(row["mean_acc"], row["std"], row["n"], peer["mean_acc"], peer["std"], peer["n"])
+        row["acc_diff_vs_peer"], row["acc_diff_vs_peer_ci95"] = diff, ci
+        lines.append(f"{name}: {seconds:.2f}s vs airbench {peer['median_seconds']:.2f}s = {row['ratio_to_peer']:.2f}x; "
+                     f"acc {100 * diff:+.2f} ± {100 * ci:.2f} points (95% CI, Welch)")
+    return lines
+
+
+def run_peer(report: dict, save: Callable[[], None], overrides: list[str], folder: Path, seeds: int, warmup: str,
+             smoke: bool) -> None:
+    """The peer, before the project's runs: export the project's data for airbench, check it with
+    airbench's own loader, then (on CUDA) a warm-up and `seeds` seeded runs, saved after each."""
+    peer = report["peer"] = {"package": airbench_peer.PACKAGE, "version": airbench_peer.airbench_version()}
+    try:
+        data = airbench_peer.load_project_data(overrides, scratch_dir=str(folder))
+        target = airbench_peer.export_uint8(data, folder)
+        peer["data"] = {"folder": str(target), "source_id": data.source_id}
+        peer["check"] = airbench_peer.check_with_airbench_loader(folder, data)
+        del data
+    except Exception as error:  # no peer on other data than the project's; the project's runs still go on
+        peer["error"] = f"data: {type(error).__name__}: {error}"
+        save()
+        print(f"airbench (peer): data export or check FAILED, no peer runs: {peer['error']}", flush=True)
+        return
+    print(f"airbench {peer['version']} (peer): exported {data_line(peer)} and read them back with its CifarLoader",
+          flush=True)
+    if smoke or not torch.cuda.is_available():
+        peer["skipped"] = "needs CUDA" if not torch.cuda.is_available() else "--smoke: export and check only"
+        save()
+        print(f"airbench (peer): training skipped ({peer['skipped']})", flush=True)
+        return
+    peer["runs"], peer["failed"] = [], []
+    try:
+        peer["warmup"] = airbench_peer.warm_up(folder, warmup)
+    except Exception as error:  # a peer that cannot start must not cost the project's runs
+        peer["error"] = f"warm-up: {type(error).__name__}: {error}"
+        save()
+        print(f"airbench (peer): warm-up FAILED, no peer runs: {str(error).splitlines()[0]}", flush=True)
+        airbench_peer.release_memory()
+        return
+    save()
+    warm_run = peer["warmup"].get("run")
+    print(f"airbench (peer): warm-up ({warmup}) done, not reported"
+          + (f"; its run {warm_run['total_seconds']:.2f}s, tta acc {100 * warm_run['tta_val_acc']:.2f}%"
+             if warm_run else ""), flush=True)
+    for seed in range(seeds):
+        try:
+            result = airbench_peer.run_one(folder, seed)
+        except Exception as error:
+            peer["failed"].append({"seed": seed, "error": f"{type(error).__name__}: {error}"})
+            save()
+            print(f"  airbench (peer) seed {seed}: FAILED {str(error).splitlines()[0]}", flush=True)
+            continue
+        peer["runs"].append(result)
+        save()
+        no_tta = "?" if result["val_acc"] is None else f"{100 * result['val_acc']:.2f}%"
+        print(f"  airbench (peer) seed {seed}: tta acc {100 * result['tta_val_acc']:.2f}% (no TTA {no_tta}), "
+              f"{result['total_seconds']:.2f}s by its own timer "
+              f"(wall {result['wall_seconds']:.2f}s)", flush=True)
+    airbench_peer.release_memory()
+    if peer["runs"]:
+        peer["summary"] = peer_summary(peer["runs"])
+        save()
+        s = peer["summary"]
+        print(f"airbench (peer): n={s['n']}, mean {100 * s['mean_acc']:.2f}% ± {100 * s['ci95']:.2f} (95% CI), std "
+              f"{100 * s['std']:.2f}, median {s['median_seconds']:.2f}s (whitening + training + TTA eval)", flush=True)
+
+
+def data_line(peer: dict) -> str:
+    check = peer["check"]
+    return f"{check['train']} + {check['test']} images of {peer['data']['source_id']} to {peer['data']['folder']}"
+
+
 def run_once(overrides: list[str], out: Path, profile_steps: int = 0) -> dict:
-    """One run; a StepClock measures host and device ms per step (and profiles the device if asked)."""
+    """One run; a StepClock measures host and device ms per step (and profiles the device if asked).
+    A run that fails is returned as such (status, error), so one failure costs one row, not the call."""
     cfg = _common.compose_config(overrides, output_dir=str(out))
     with open_dict(cfg):
         cfg.callbacks.step_clock = {"_target_": "cifar_speedrun.callbacks.StepClock", "profile_steps": profile_steps}
-    return train(cfg)
+    try:
+        return train(cfg)
+    except Exception as error:
+        import traceback
+
+        return {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc()[-3000:]}
 
 
 def describe_steps(step_ms: dict | None) -> str:
@@ -109,17 +227,39 @@ def main() -> int:
     parser.add_argument("--runs-dir", default=None,
                         help="the runs' own folders (results.json, model.pt); default: <out>/runs")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. epochs=9")
+    parser.add_argument("--step-modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager", "auto"],
+                        help="run every experiment with each step.mode (step.py), the first one with --seeds")
+    parser.add_argument("--baseline-seeds", type=int, default=None,
+                        help="seeds of the variants after the first (default --seeds; 0: only their profiled "
+                             "warm-up run, which measures host and device ms per step)")
+    parser.add_argument("--probe", nargs="+", action="append", default=[], metavar=("EXPERIMENT", "OVERRIDES"),
+                        help="before an experiment's seeds, a profiled 3-epoch run with each alternative "
+                             "(overrides joined by '+', e.g. channels_last=true channels_last=false); the one with "
+                             "the fewest device ms per step is used for its seeds")
+    parser.add_argument("--peer", action="store_true",
+                        help="first run Keller Jordan's airbench package (train94) on the same GPU and images")
+    parser.add_argument("--peer-seeds", type=int, default=None, help="the peer's seeds (default: --seeds)")
+    parser.add_argument("--peer-warmup", default="full", choices=["full", "step"],
+                        help="the peer's warm-up: airbench.warmup94 (step) and one whole unreported run (full)")
     args = parser.parse_args()
+    if args.peer:
+        try:
+            airbench_peer.require_airbench()
+        except airbench_peer.PeerUnavailable as error:
+            print(f"gpu_speedrun: {error}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
     common = ["logger=none", "trainer.enable_progress_bar=false", "callbacks.checkpoint=null"]
     if not args.official:
         common += ["data.source=image_folder", f"data.path={_common.archive_path()}"]
-    # Variants: eager, or torch.compile in each mode asked for (one warm-up run each: compile caches).
+    # Variants: each step mode, and torch.compile in each mode asked for (one warm-up run each: compile caches).
     modes = args.compile_modes or ([args.compile_mode or "default"] if args.compile or args.compile_mode else ["none"])
-    variants = [("" if mode == "none" else f" compile={mode}",
-                 [] if mode == "none" else ["+trick=compile", f"compile.mode={mode}"]) for mode in modes]
+    variants = [(f" step={step}" + ("" if mode == "none" else f" compile={mode}"),
+                 [f"step.mode={step}"] + ([] if mode == "none" else ["+trick=compile", f"compile.mode={mode}"]))
+                for step in args.step_modes for mode in modes]
+    probes = {probe[0]: [alternative.split("+") for alternative in probe[1:]] for probe in args.probe}
     if args.smoke:
         common += SMOKE
         args.precision = ["32-true"]  # bf16 autocast is very slow on CPUs without bf16 units
@@ -131,23 +271,58 @@ def main() -> int:
     report: dict = {"device": device, "torch": torch.__version__, "overrides": common,
                     "experiments": args.experiments,
                     "data": "official CIFAR-10" if args.official else f"image_folder {_common.archive_path()}",
-                    "runs": [], "summary": {}, "warmups": {}}
+                    "runs": [], "summary": {}, "warmups": {}, "probes": {}}
 
     def save() -> None:
         (out / "gpu_speedrun.json").write_text(json.dumps(report, indent=2))
 
-    def run_experiment(experiment: str, label: str, base: list[str]) -> None:
-        """A warm-up run, then N seeds per precision, of one experiment in one variant (eager / compiled)."""
+    def warm_up(experiment: str, label: str, base: list[str], name: str = "warmup") -> dict:
+        """A profiled 3-epoch run, not reported: cuDNN autotune, compile caches, and the step's profile."""
         warm = run_once([*base, "seed=1000", "epochs=3", f"trainer.precision={args.precision[0]}"],
-                        runs / f"{experiment}{label.replace(' ', '-')}-warmup", profile_steps=20)
-        report["warmups"][experiment + label] = {"precision": args.precision[0], "step_ms": warm.get("step_ms"),
-                                                 "warmup_seconds": warm.get("warmup_seconds")}
-        print(f"{experiment}{label}: warm-up run done at {time.perf_counter() - start:.1f}s (not reported; its "
+                        runs / f"{experiment}{label.replace(' ', '-')}-{name}", profile_steps=20)
+        entry = {"precision": args.precision[0], "overrides": base, "status": warm.get("status"),
+                 "error": warm.get("error"), "step_ms": warm.get("step_ms"), "step": warm.get("step"),
+                 "warmup_seconds": warm.get("warmup_seconds")}
+        print(f"{experiment}{label} {name}: done at {time.perf_counter() - start:.1f}s (not reported; its "
               f"warmup_seconds {warm.get('warmup_seconds')}); {args.precision[0]}: "
-              f"{describe_steps(warm.get('step_ms'))}", flush=True)
+              + (describe_steps(warm.get("step_ms")) if warm.get("status") == "ok" else f"FAILED {warm.get('error')}"),
+              flush=True)
+        return entry
+
+    def choose(experiment: str, label: str, base: list[str]) -> list[str]:
+        """The probe alternative with the fewest device ms per step (median), as overrides to add."""
+        tried = []
+        for alternative in probes.get(experiment, []):
+            entry = warm_up(experiment, label, [*base, *alternative], "probe-" + "-".join(alternative))
+            step_ms = entry.get("step_ms") or {}
+            # device ms per step on CUDA; on a CPU (the smoke test) the host's, which is then the device's
+            device_ms = (step_ms.get("device_ms") or step_ms.get("host_ms") or {}).get("median")
+            tried.append({**entry, "overrides": alternative, "device_ms_per_step": device_ms})
+        usable = [t for t in tried if t["device_ms_per_step"] is not None and t["status"] == "ok"]
+        if not usable:
+            return []
+        best = min(usable, key=lambda t: t["device_ms_per_step"])
+        report["probes"][experiment + label] = {"tried": tried, "chosen": best["overrides"]}
+        report["warmups"][experiment + label] = best
+        save()
+        print(f"{experiment}{label}: probe chose {' '.join(best['overrides'])} ("
+              + ", ".join(f"{' '.join(t['overrides'])}: {t['device_ms_per_step']:.2f}" for t in usable)
+              + " device ms/step)", flush=True)
+        return list(best["overrides"])
+
+    def run_experiment(experiment: str, label: str, base: list[str], seeds: int, chosen: list[str] | None) -> list[str]:
+        """A warm-up run (or the probes), then `seeds` seeds per precision, of one experiment in one variant.
+        Returns the probe's choice, which later variants of the experiment reuse."""
+        if chosen is None and probes.get(experiment):
+            chosen = choose(experiment, label, base)
+            base = [*base, *chosen]
+        else:
+            base = [*base, *(chosen or [])]
+            report["warmups"][experiment + label] = warm_up(experiment, label, base)
+            save()
         for precision in args.precision:
             accuracies, seconds, evals = [], [], []
-            for seed in range(args.seeds):
+            for seed in range(seeds):
                 result = run_once([*base, f"seed={seed}", f"trainer.precision={precision}"],
                                   runs / f"{experiment}{label.replace(' ', '-')}-{precision}-seed{seed}")
                 if result.get("status") != "ok":
@@ -157,7 +332,8 @@ def main() -> int:
                 seconds.append(result["train_seconds"])
                 evals.append(result.get("eval_seconds") or 0.0)
                 report["runs"].append({"experiment": experiment, "variant": label.strip() or "eager",
-                                       "precision": precision, "seed": seed,
+                                       "precision": precision, "seed": seed, "overrides": base,
+                                       "step": result.get("step"),
                                        "test_acc": result["test_acc"], "train_seconds": result["train_seconds"],
                                        "eval_seconds": result.get("eval_seconds"),
                                        "fit_seconds": result.get("fit_seconds"),
@@ -180,6 +356,7 @@ def main() -> int:
                 summary["median_eval_seconds"] = statistics.median(evals)
                 summary["median_train_plus_eval_seconds"] = statistics.median(
                     [s + e for s, e in zip(seconds, evals, strict=True)])
+                summary["overrides"] = base
                 report["summary"][f"{experiment} {precision}{label}"] = summary
                 save()
                 print(f"{experiment} {precision}{label}: n={summary['n']}, mean {100 * summary['mean_acc']:.2f}% ± "
@@ -187,10 +364,20 @@ def main() -> int:
                       f"{summary['median_train_seconds']:.2f}s (+ eval {summary['median_eval_seconds']:.2f}s = "
                       f"{summary['median_train_plus_eval_seconds']:.2f}s by airbench's rules)"
                       + _step_line(summary), flush=True)
+        return chosen or []
 
+    if args.peer:
+        run_peer(report, save, common, runs / "airbench-peer", args.peer_seeds if args.peer_seeds is not None
+                 else args.seeds, args.peer_warmup, args.smoke)
     for experiment in args.experiments:
-        for label, variant in variants:
-            run_experiment(experiment, label, [f"experiment={experiment}", *common, *variant])
+        chosen = None
+        for index, (label, variant) in enumerate(variants):
+            seeds = args.seeds if index == 0 or args.baseline_seeds is None else args.baseline_seeds
+            chosen = run_experiment(experiment, label, [f"experiment={experiment}", *common, *variant], seeds, chosen)
+    if report.get("peer", {}).get("summary") and report["summary"]:
+        print("against the peer (median train + eval seconds vs airbench's own timer; accuracy project - airbench):")
+        for line in compare_to_peer(report["summary"], report["peer"]["summary"]):
+            print("  " + line, flush=True)
     save()
     print(f"total wall {time.perf_counter() - start:.1f}s; wrote {out / 'gpu_speedrun.json'}")
     return 0 if report["summary"] else 1

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
+
+from cifar_speedrun.sources import CIFAR10_CLASSES
 
 
 def _run(args: list[str], archive: str, cache_dir: str) -> subprocess.CompletedProcess[str]:
@@ -21,22 +24,66 @@ def _run(args: list[str], archive: str, cache_dir: str) -> subprocess.CompletedP
 def test_gpu_speedrun_smoke_runs_recipes_side_by_side_on_cpu(tmp_path: Path, archive: str, cache_dir: str,
                                                               real_data) -> None:
     # Two recipes, two seeds each (airbench94_muon's step is covered by step_cost below; CI time is kept).
+    # --peer: on the CPU the airbench peer only exports the same data and checks it with airbench's loader.
+    # The step captured as a graph (graph-ready on a CPU) with its seeds, the eager step's profiled warm-up run
+    # beside it, and page_final's layout chosen by a probe of both.
     result = _run(["benchmarks/gpu_speedrun.py", "--smoke", "--seeds", "2", "--experiments", "page_final",
-                   "airbench94", "--out", str(tmp_path)], archive, cache_dir)
+                   "airbench94", "--out", str(tmp_path), "--peer", "--step-modes", "graph", "eager",
+                   "--baseline-seeds", "0", "--probe", "page_final", "channels_last=true", "channels_last=false"],
+                  archive, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_speedrun.json").read_text())
+    peer = report["peer"]
+    assert peer["package"] == "airbench" and peer["version"] == "0.1.8"
+    assert peer["skipped"] == ("needs CUDA" if not torch.cuda.is_available() else "--smoke: export and check only")
+    assert peer["check"] == {"train": 50_000, "test": 10_000, "classes": list(CIFAR10_CLASSES)}
+    assert peer["data"]["source_id"] == real_data.source_id, "the project's own cache, the same images"
+    exported = tmp_path / "runs" / "airbench-peer" / "cifar10"
+    assert Path(peer["data"]["folder"]) == exported and "runs" not in peer
+    assert torch.equal(torch.load(exported / "test.pt", weights_only=True)["labels"], real_data.test_y)
+    assert "airbench 0.1.8 (peer): exported 50000 + 10000 images" in result.stdout
+    assert all("ratio_to_peer" not in row for row in report["summary"].values()), "no peer runs, no ratio"
     assert len(report["runs"]) == 4 and {r["seed"] for r in report["runs"]} == {0, 1}
-    assert set(report["summary"]) == {"page_final 32-true", "airbench94 32-true"}
+    assert set(report["summary"]) == {"page_final 32-true step=graph", "airbench94 32-true step=graph"}
     assert all(s["n"] == 2 for s in report["summary"].values())
     assert all(r["eval_seconds"] > 0 and r["fit_seconds"] is not None for r in report["runs"])
+    assert all(r["step"] == {"mode": "graph", "captured": False, "captures": 0} for r in report["runs"])
     assert "(95% CI)" in result.stdout and "by airbench's rules" in result.stdout
     assert all(r["step_ms"]["host_ms"]["median"] > 0 for r in report["runs"]), "host ms/step of every run"
-    assert set(report["warmups"]) == {"page_final", "airbench94"}
-    page = json.loads((tmp_path / "runs" / "page_final-32-true-seed0" / "results.json").read_text())
+    assert set(report["warmups"]) == {"page_final step=graph", "page_final step=eager", "airbench94 step=graph",
+                                      "airbench94 step=eager"}
+    assert report["warmups"]["airbench94 step=eager"]["step"] == {"mode": "eager"}
+    probe = report["probes"]["page_final step=graph"]
+    assert [t["overrides"] for t in probe["tried"]] == [["channels_last=true"], ["channels_last=false"]]
+    assert probe["chosen"] == min(probe["tried"], key=lambda t: t["device_ms_per_step"])["overrides"]
+    assert report["summary"]["page_final 32-true step=graph"]["overrides"][-1] == probe["chosen"][0]
+    page = json.loads((tmp_path / "runs" / "page_final-step=graph-32-true-seed0" / "results.json").read_text())
     assert set(page["tricks"]) >= {"ghost_bn", "whitening", "ema", "tta"}
-    airbench = json.loads((tmp_path / "runs" / "airbench94-32-true-seed0" / "results.json").read_text())
+    airbench = json.loads((tmp_path / "runs" / "airbench94-step=graph-32-true-seed0" / "results.json").read_text())
     assert {"alternating_flip", "lookahead"} <= set(airbench["tricks"])
     assert airbench["config"]["model"]["_target_"].endswith("AirbenchNet")
+
+
+@pytest.mark.slow
+def test_gpu_leave_one_out_writes_every_row_seed_major_and_completes_a_cut_run(tmp_path: Path, archive: str,
+                                                                               cache_dir: str, real_data) -> None:
+    from cifar_speedrun.report import load_runs_csv
+
+    csv = tmp_path / "loo.csv"
+    first = _run(["benchmarks/gpu_leave_one_out.py", "--smoke", "--seeds", "0", "--rows", "0", "--csv", str(csv)],
+                 archive, cache_dir)  # a first call that did one run
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(load_runs_csv(csv)) == 1
+    cut = _run(["benchmarks/gpu_leave_one_out.py", "--smoke", "--seeds", "0", "1", "--rows", "0", "8",
+                "--csv", str(csv), "--budget-seconds", "0.001"], archive, cache_dir)
+    assert cut.returncode == 0 and "budget of 0s reached after 0 runs; rerun to complete" in cut.stdout
+    second = _run(["benchmarks/gpu_leave_one_out.py", "--smoke", "--seeds", "0", "1", "--rows", "0", "8",
+                   "--csv", str(csv)], archive, cache_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs = load_runs_csv(csv)
+    assert [(int(r.seed), "ema," in r.config_key) for r in runs] == [(0, True), (0, False), (1, True), (1, False)]
+    assert all(r.status == "ok" and r.config_key.endswith("step.mode=graph") for r in runs)
+    assert "ema left out, seed 0" in second.stdout and "none left out, seed 0" not in second.stdout
 
 
 @pytest.mark.slow

@@ -586,7 +586,8 @@ def test_results_name_the_code_commit_and_no_lightning_chatter(tmp_path: Path, a
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert json.loads((tmp_path / "run" / "results.json").read_text())["git_commit"].startswith(commit)
     run_line = next(line for line in result.stdout.splitlines() if line.startswith("[run] "))
-    assert "32-true · tricks: channels_last" in run_line and "(not in effect at 32-true: mixed_precision)" in run_line
+    assert "32-true, step eager · tricks: channels_last" in run_line
+    assert "(not in effect at 32-true: mixed_precision)" in run_line
     for chatter in ("smaller than the logging interval", "exists and is not empty"):
         assert chatter not in result.stderr + result.stdout
 

@@ -121,6 +121,27 @@ class TrainTimer(Callback):
         self.fit_seconds = state_dict.get("fit_seconds", 0.0)
 
 
+def kernel_table(events: Any, device: str, steps: int, top: int = 10) -> dict[str, Any]:
+    """Device work per step by kernel name: launches per step and the `top` kernels by device time.
+
+    What a profiled window ran on the device, so a recipe's time can be read kernel by kernel (which
+    convolutions, norms and copies cost what) and its launches per step counted."""
+    totals: dict[str, list[float]] = {}
+    launches = 0
+    for event in events:
+        if not str(event.device_type()).endswith(device):
+            continue
+        launches += 1
+        entry = totals.setdefault(event.name(), [0.0, 0])
+        entry[0] += (event.end_ns() - event.start_ns()) / 1e6
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    total_ms = sum(ms for ms, _ in totals.values())
+    return {"launches_per_step": launches / max(1, steps), "kernels": len(totals),
+            "top": [{"name": name[:160], "ms_per_step": ms / max(1, steps), "calls_per_step": calls / max(1, steps),
+                     "share": ms / total_ms if total_ms else None} for name, (ms, calls) in ranked[:top]]}
+
+
 def busy_nanoseconds(events: Any, device: str) -> int:
     """Time during which at least one profiled event of `device` ran (overlaps counted once)."""
     spans = sorted((e.start_ns(), e.end_ns()) for e in events if str(e.device_type()).endswith(device))
@@ -216,11 +237,13 @@ class StepClock(Callback):
             torch.cuda.synchronize()
             wall = time.perf_counter() - (self._profile_started or 0.0)
             profiler.__exit__(None, None, None)
-            busy_ns = busy_nanoseconds(profiler.profiler.kineto_results.events(), "CUDA")
+            events = profiler.profiler.kineto_results.events()
+            busy_ns = busy_nanoseconds(events, "CUDA")
             steps = self.profile_steps
             self.profile = {"steps": steps, "wall_ms_per_step": 1000 * wall / steps,
                             "device_busy_ms_per_step": busy_ns / 1e6 / steps,
-                            "busy_fraction": busy_ns / 1e9 / wall if wall > 0 else None}
+                            "busy_fraction": busy_ns / 1e9 / wall if wall > 0 else None,
+                            **kernel_table(events, "CUDA", steps)}
         except Exception as error:
             self.profile = {"error": f"{type(error).__name__}: {error}"}
 
@@ -261,9 +284,13 @@ class LearningRateLogger(Callback):
         if step != 1 and step % max(1, every):
             return
         values = {}
-        for optimizer in trainer.optimizers:
-            for index, group in enumerate(optimizer.param_groups):
-                values[f"lr/{group.get('name') or f'group{index}'}"] = float(group["lr"])
+        rates = getattr(pl_module, "learning_rates", None)
+        if callable(rates) and rates(step):  # the module's host-side schedule: its lrs may be device tensors
+            values = {f"lr/{name}": float(lr) for name, lr in rates(step).items()}
+        else:
+            for optimizer in trainer.optimizers:
+                for index, group in enumerate(optimizer.param_groups):
+                    values[f"lr/{group.get('name') or f'group{index}'}"] = float(group["lr"])
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
 
@@ -374,6 +401,7 @@ class ResultsWriter(Callback):
             "overrides": run_config.get("overrides", ""),
             "effective_optim": getattr(module, "effective", None),
             "warmup_seconds": getattr(module, "warmup_seconds", None),
+            "step": module.train_step.summary() if getattr(module, "train_step", None) else {"mode": "eager"},
             "data_source": run_config.get("data_source"),
             "run_keys": run_config.get("run_keys"),
             "wandb_group": run_config.get("wandb_group"),
@@ -433,6 +461,9 @@ class _GuardedAveraging(WeightAveraging):
 
     _swapped = False
     updates = 0
+    # Set by a module whose training step calls `after_optimizer_step` itself (module.SpeedrunModule);
+    # with any other LightningModule the callback runs it from on_train_batch_end.
+    driven_by_step = False
     _pairs: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def average_step(self, averaged: list[torch.Tensor], current: list[torch.Tensor]) -> None:
@@ -480,6 +511,11 @@ class _GuardedAveraging(WeightAveraging):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self.driven_by_step:
+            self.after_optimizer_step(trainer, pl_module)
+
+    def after_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The average's part of a training step, right after the optimizer step (every few steps)."""
         step_idx = trainer.global_step - 1  # Lightning's convention: 0-based index of the step just taken
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
             self.update_average(pl_module)
@@ -612,12 +648,11 @@ class Lookahead(_GuardedAveraging):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch = trainer.current_epoch
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def after_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = getattr(pl_module, "total_steps", None) or trainer.estimated_stepping_batches
         self.decay = self.decay_at(trainer.global_step, int(total))
         before = self._latest_update_step
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        super().after_optimizer_step(trainer, pl_module)
         if self._latest_update_step != before:
             self._copy_average_to_current(pl_module)
 

@@ -28,6 +28,7 @@ from cifar_speedrun.errors import UserError
 from cifar_speedrun.models import ModelFamily
 from cifar_speedrun.optim import OPTIMIZERS
 from cifar_speedrun.schedule import PiecewiseLinear, check_schedule, group_schedules, resolve_knots
+from cifar_speedrun.step import LearningRates, TrainStep, autocast_dtype
 from cifar_speedrun.train_metrics import EpochMetrics
 from cifar_speedrun.tta import tta_logits
 
@@ -41,10 +42,16 @@ class SpeedrunModule(L.LightningModule):
     """A net trained with a recipe from the config; every knob comes from the config, nothing is trick-specific.
 
     The training step is written out (Lightning's manual optimization): forward, loss, zero_grad,
-    backward, optimizer step, LR schedule step, as a plain loop does it. Lightning's automatic
-    optimization wraps the same work in a closure and a dozen hooks, about 0.3 ms of Python a step
-    (benchmarks/step_cost.py), which on a GPU is time the device waits. So Trainer-level gradient
-    clipping and accumulation do not apply (config.validate refuses them).
+    backward, optimizer step, LR schedule step, then the weight averaging (EMA / lookahead), as a
+    plain loop does it. Lightning's automatic optimization wraps the same work in a closure and a
+    dozen hooks, about 0.3 ms of Python a step (benchmarks/step_cost.py), which on a GPU is time the
+    device waits. So Trainer-level gradient clipping and accumulation do not apply (config.validate
+    refuses them).
+
+    `step_mode` (conf: step.mode) says how the step runs: `eager` launches it op by op through
+    Lightning's optimizer wrapper with torch's LambdaLR; `graph` runs step.TrainStep, the same step
+    with the learning rates on the device, captured once as a CUDA graph and replayed on CUDA (run
+    as is on a CPU, where tests check it gives the eager step's weights).
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class SpeedrunModule(L.LightningModule):
         compile_mode: str,
         channels_last: bool,
         nan_check_every: int,
+        step_mode: str = "eager",
         run_config: dict[str, Any] | None = None,
         epochs: float | None = None,
     ) -> None:
@@ -99,6 +107,10 @@ class SpeedrunModule(L.LightningModule):
         self.warmup_seconds: float | None = None
         self.fit_seconds = 0.0
         self.schedule: PiecewiseLinear | None = None
+        self.step_mode = str(step_mode)
+        self.group_rates: list[tuple[str, float, PiecewiseLinear]] = []  # (group name, base lr, schedule)
+        self.train_step: TrainStep | None = None  # step_mode graph: built when training starts
+        self.averaging: list[Any] = []  # callbacks the step calls after each optimizer step (EMA, lookahead)
 
     @classmethod
     def from_config(cls, cfg: Any, net: nn.Module | None = None, *, optim: dict[str, Any] | None = None,
@@ -121,6 +133,7 @@ class SpeedrunModule(L.LightningModule):
             compile_mode=str(cfg.compile.mode),
             channels_last=bool(cfg.channels_last),
             nan_check_every=int(cfg.nan_check_every),
+            step_mode=str(cfg.step.mode),
             run_config=run_config,
             epochs=float(cfg.epochs) if epochs == "run" else epochs,
         )
@@ -133,6 +146,11 @@ class SpeedrunModule(L.LightningModule):
             self.net.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
 
     def on_fit_start(self) -> None:
+        # The averaging callbacks (EMA, lookahead) are run by training_step after each optimizer step,
+        # not from their own per-batch hook: the step is one place (forward ... averaging).
+        self.averaging = [cb for cb in self.trainer.callbacks if callable(getattr(cb, "after_optimizer_step", None))]
+        for callback in self.averaging:
+            callback.driven_by_step = True
         # Layers that are fitted to the data (patch whitening) see the standardized training images.
         datamodule = getattr(self.trainer, "datamodule", None)
         images = getattr(datamodule, "train_images", None)
@@ -190,20 +208,60 @@ class SpeedrunModule(L.LightningModule):
         # Layers with an epoch-dependent state (airbench's whitening bias trains for 3 epochs only).
         _hook(self.net, "set_epoch")(self.current_epoch)
 
+    def on_train_start(self) -> None:
+        if self.uses_graph_step():
+            self.train_step = self._build_train_step()
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         optimizer = self.optimizers()
-        logits = self.net(images)
-        loss = self.loss(logits, labels)
-        self.epoch_metrics.update(loss, logits, labels)
-        bad = self.epoch_metrics.check(self.global_step + 1)
+        if self.train_step is not None:
+            # The whole step below as one unit (step.py): one graph replay on CUDA. Lightning counts
+            # the optimizer step through the hooks its LightningOptimizer.step() calls around a step.
+            optimizer._on_before_step()
+            self.train_step(images, labels)
+            optimizer._on_after_step()
+            self.epoch_metrics.count(len(labels))
+        else:
+            logits = self.net(images)
+            loss = self.loss(logits, labels)
+            self.epoch_metrics.update(loss, logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)  # through the precision plugin: fp16's loss scaling included
+            optimizer.step()  # counts the global step; with fp16, the scaler's step and update
+            self.lr_schedulers().step()
+        bad = self.epoch_metrics.check(self.global_step)
         if bad is not None:
             self._raise_not_finite(bad)
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)  # through the precision plugin: fp16's loss scaling included
-        optimizer.step()  # counts the global step; with fp16, the scaler's step and update
-        self.lr_schedulers().step()
+        for averaging in self.averaging:  # EMA / lookahead, every few steps, without a host sync
+            averaging.after_optimizer_step(self.trainer, self)
         # Nothing returned: Lightning would detach and keep the loss (one more op a step) for nobody.
+
+    def uses_graph_step(self) -> bool:
+        """step.mode=graph, or auto on a single CUDA device (config.validate refuses graph where it cannot run)."""
+        if self.step_mode == "graph":
+            return True
+        if self.step_mode != "auto" or self._trainer is None:
+            return False
+        return self.device.type == "cuda" and self.trainer.world_size == 1
+
+    def _build_train_step(self) -> TrainStep:
+        optimizer = self.optimizers().optimizer
+        total = int(self.trainer.max_epochs or 1) * self.steps_per_epoch
+        rates = LearningRates([self._rate_of(name) for name, _, _ in self.group_rates], total, self.device)
+        rates.bind(optimizer, self.global_step)
+        precision = str(self.trainer.precision)
+        return TrainStep(self.net, self.loss, optimizer, rates, self.epoch_metrics,
+                         scaler=getattr(self.trainer.precision_plugin, "scaler", None),
+                         autocast=autocast_dtype(precision), capture=self.device.type == "cuda")
+
+    def _rate_of(self, name: str) -> Any:
+        return lambda step: self.learning_rates(step)[name]
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        """Each parameter group's lr for optimizer step `step` (0-based), computed on the host as
+        torch's LambdaLR computes it: the group's base lr times its schedule at that step."""
+        return {name: base * schedule(step) for name, base, schedule in self.group_rates}
 
     def epoch_train_metrics(self) -> dict[str, float]:
         """This epoch's mean train loss and accuracy (summed over DDP ranks), read once at its end.
@@ -237,6 +295,7 @@ class SpeedrunModule(L.LightningModule):
         )
 
     def learning_rate_at(self, step: int) -> float:
+        """The run's peak-group lr at step `step`: the effective lr times the schedule (for messages)."""
         if self.schedule is None:
             return float("nan")
         return self.effective["lr"] * self.schedule(step)
@@ -270,7 +329,8 @@ class SpeedrunModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         device_type = self.device.type if isinstance(self.device, torch.device) else "cpu"
-        built = self.builder(self.net, self.optim_cfg, self.batch_size, device_type)
+        graph = self.uses_graph_step()
+        built = self.builder(self.net, self.optim_cfg, self.batch_size, device_type, tensor_lr=graph)
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
         steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
@@ -278,7 +338,13 @@ class SpeedrunModule(L.LightningModule):
         epochs = self.epochs if self.epochs is not None else float(max_epochs)
         self.total_steps = math.ceil(epochs * steps_per_epoch - 1e-9)
         self.schedule = PiecewiseLinear(self.schedule_knots, self.optim_cfg["schedule"]["factors"], steps_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, group_schedules(built, self.schedule, epochs))
+        schedules = group_schedules(built, self.schedule, epochs)
+        self.group_rates = [(str(group.get("name") or f"group{index}"), float(group["lr"]), schedule)
+                            for index, (group, schedule) in enumerate(zip(built.optimizer.param_groups, schedules,
+                                                                          strict=True))]
+        if graph:  # the step keeps the schedule on the device itself (step.LearningRates)
+            return {"optimizer": built.optimizer}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, schedules)
         return {"optimizer": built.optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -101,9 +101,13 @@ def roles(net: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def _sgd(groups: list[dict[str, Any]], momentum: float, nesterov: bool, device_type: str,
-         fused: bool = True) -> torch.optim.SGD:
-    # One fused kernel for the whole update on CUDA; foreach (multi-tensor) elsewhere.
-    use_fused = bool(fused) and device_type == "cuda"
+         fused: bool = True, tensor_lr: bool = False) -> torch.optim.SGD:
+    # One fused kernel for the whole update (torch has them for CUDA and CPU); foreach (multi-tensor) with
+    # optim.fused=false. Fused also whenever the lr is a device tensor (`tensor_lr`, step.py's graph-ready
+    # step): only the fused kernels take it as a tensor, foreach SGD reads it back to the host. The two
+    # kernels round a tensor's last few elements (past a multiple of the vector width) differently, so
+    # eager and graph-ready steps use the same one and give the same weights bit for bit.
+    use_fused = bool(fused) or tensor_lr
     return torch.optim.SGD([g for g in groups if g["params"]], momentum=momentum, nesterov=nesterov,
                            fused=use_fused or None, foreach=None if use_fused else True)
 
@@ -149,7 +153,8 @@ def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[st
     }
 
 
-def page_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
+def page_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str,
+             tensor_lr: bool = False) -> Built:
     """Nesterov SGD; BN biases with their own lr and weight-decay factors (Page's frozen_bn_scale: x64, /64)."""
     effective = effective_hyperparameters(optim, batch_size)
     lr, wd = effective["lr"], effective["weight_decay"]
@@ -160,7 +165,7 @@ def page_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
               {"params": [b for b in biases if b.requires_grad], "lr": lr * lr_factor,
                "weight_decay": wd * wd_factor, "name": "biases"}]
     optimizer = _sgd(groups, effective["momentum"], bool(optim["nesterov"]), device_type,
-                     bool(optim["fused"]))
+                     bool(optim["fused"]), tensor_lr)
     return Built(optimizer, effective)
 
 
@@ -175,7 +180,8 @@ def airbench_scale(momentum: float) -> float:
     return 1024.0 * (1.0 + 1.0 / (1.0 - momentum))
 
 
-def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
+def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str,
+                 tensor_lr: bool = False) -> Built:
     """airbench94's optimizer: Nesterov SGD with
 
         lr (per example, summed loss) = lr_per_1024 / kilostep_scale
@@ -198,7 +204,7 @@ def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_
         {"params": weights, "lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
          "name": "weights"},
     ]
-    optimizer = _sgd(groups, momentum, bool(optim["nesterov"]), device_type, bool(optim["fused"]))
+    optimizer = _sgd(groups, momentum, bool(optim["nesterov"]), device_type, bool(optim["fused"]), tensor_lr)
     effective = {"lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
                  "momentum": momentum, "batch_size": batch_size, "kilostep_scale": scale,
                  "lr_per_example": lr_example, "bias_lr_per_example": bias_example,
@@ -289,7 +295,10 @@ class MuonSGD(torch.optim.Optimizer):
                         param.mul_(factor if finite is None else torch.where(finite, factor, 1.0))
                     update = orthogonalize(update.reshape(update.size(0), -1), group["ns_steps"]).view_as(param)
                 if finite is None:
-                    param.add_(update, alpha=-lr)
+                    if isinstance(lr, torch.Tensor):  # step.py's device-side lr: no host read
+                        param.addcmul_(update, lr, value=-1)  # rounds as add_(alpha=-lr) does (fused)
+                    else:
+                        param.add_(update, alpha=-lr)
                 else:
                     param.copy_(torch.where(finite, param - lr * update, param))
         return loss
@@ -317,7 +326,8 @@ def head_width_factor(net: nn.Module, reference_features: float | None) -> float
     return linears[-1].in_features / float(reference_features)
 
 
-def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str) -> Built:
+def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str,
+             tensor_lr: bool = False) -> Built:
     """airbench94_muon's optimizer: Muon(conv filters, lr 0.24, momentum 0.6, Nesterov) and SGD(momentum 0.85,
     Nesterov) for the whitening bias, the BN biases (lr 0.053 per example) and the head (0.67), with the
     decoupled shrink 2e-6 x batch per step; the whitening bias's lr decays to 0 over its own epochs.
@@ -361,7 +371,8 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
 
 # optim.builder -> (the function that builds the optimizer, its typed settings). A new optimizer is a
 # function above, its settings class, a line here and conf/optim/<name>.yaml (docs/contributing.md).
-Builder = Callable[[nn.Module, dict[str, Any], int, str], Built]
+# A builder takes `tensor_lr=True` when step.py's graph-ready step will set its lrs as device tensors.
+Builder = Callable[..., Built]
 OPTIMIZERS: dict[str, tuple[Builder, type[Section]]] = {
     "cifar_speedrun.optim.page_sgd": (page_sgd, PageSGDSettings),
     "cifar_speedrun.optim.airbench_sgd": (airbench_sgd, AirbenchSGDSettings),

@@ -94,6 +94,12 @@ class CompileSettings(Section):
         description="torch.compile's modes")
 
 
+class StepSettings(Section):
+    """How the training step runs (step.py): op by op, or captured whole as one CUDA graph."""
+
+    mode: Literal["eager", "graph", "auto"] = Field(description="auto: graph on one CUDA device, else eager")
+
+
 _SIGNATURES: dict[str, set[str] | None] = {}
 
 
@@ -267,6 +273,7 @@ class TrainSettings(RunScalars):
     loss: LossSettings
     tta: TTASettings
     compile: CompileSettings
+    step: StepSettings
 
     _model = field_validator("model", mode="before")(lambda cls, value: _family_settings(value))
     _optim = field_validator("optim", mode="before")(lambda cls, value: _optim_settings(value))
@@ -277,7 +284,26 @@ class TrainSettings(RunScalars):
     def _rules(self) -> TrainSettings:
         check_run_length(self)
         check_devices(self)
+        check_step(self)
         return self
+
+
+# torch.compile modes that record CUDA graphs of their own (cudagraph trees), which cannot be recorded
+# inside the captured step.
+_COMPILE_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_step(run: TrainSettings) -> None:
+    """step.mode=graph where it can run: one device, no torch.compile mode that makes CUDA graphs itself."""
+    if run.step.mode == "eager":
+        return
+    if run.compile.enabled and run.compile.mode in _COMPILE_GRAPH_MODES:
+        raise UserError(f"step.mode={run.step.mode} captures the whole step in one CUDA graph, and compile.mode="
+                        f"{run.compile.mode} records CUDA graphs of its own: use compile.mode=max-autotune-no-"
+                        "cudagraphs (or default), or step.mode=eager")
+    if run.step.mode == "graph" and run.trainer.world_size > 1:
+        raise UserError(f"step.mode=graph runs on one device; with {run.trainer.world_size} devices use step.mode="
+                        "eager (or auto, which picks eager there)")
 
 
 def check_run_length(run: TrainSettings) -> None:

@@ -215,11 +215,19 @@ class StartLine(Callback):
             f"[run] {self.model_name} width {self.width} ({_count(parameters)} parameters) · "
             f"train {_count(train_images)} / {val}test {_count(test_images)} images · {steps} steps of "
             f"{batches.batch_size * batches.world_size} an epoch ({_count(train_images - used)} images dropped "
-            f"each epoch) · {self.epochs:g} epochs · {where}, {trainer.precision} · tricks: "
+            f"each epoch) · {self.epochs:g} epochs · {where}, {trainer.precision}, {_step_words(pl_module)} · tricks: "
             f"{', '.join(active) or 'none'}{off} · output: {self.output_dir}"
         )
         if trainer.is_global_zero:
             print(self.line, flush=True)
+
+
+def _step_words(module: L.LightningModule) -> str:
+    """How the training step runs (module.SpeedrunModule.uses_graph_step; step.py)."""
+    uses_graph = getattr(module, "uses_graph_step", None)
+    if not callable(uses_graph) or not uses_graph():
+        return "step eager"
+    return "step captured as a CUDA graph" if module.device.type == "cuda" else "step graph-ready (uncaptured on CPU)"
 
 
 # Tricks whose whole effect is a training precision: at full precision nothing of them runs (the CPU

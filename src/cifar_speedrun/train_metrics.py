@@ -40,8 +40,14 @@ class EpochMetrics:
         self.last_finite_step = 0  # the last step known to have a finite loss sum
 
     def start_epoch(self, device: torch.device, global_step: int) -> None:
-        self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        # The sums are zeroed in place after the first epoch: a captured step (step.py) adds into them.
+        if self.loss_sum is None or self.loss_sum.device != device:
+            self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+            self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        else:
+            assert self.correct is not None
+            self.loss_sum.zero_()
+            self.correct.zero_()
         self.steps = self.images = 0
         self.epoch_first_step = self.last_finite_step = global_step
         self._copied_at = None
@@ -50,14 +56,26 @@ class EpochMetrics:
             self._host = torch.zeros((), dtype=torch.float32, pin_memory=pinned)
             self._host_view = self._host.numpy()
 
-    @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One step's loss (the batch mean) and predictions: five kernels, no sync."""
+        self.accumulate(loss, logits, labels)
+        self.count(len(labels))
+
+    @torch.no_grad()
+    def accumulate(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """The device half of `update`: the sums, which a captured step (step.py) replays."""
         assert self.loss_sum is not None and self.correct is not None
-        self.loss_sum.add_(loss)
+        self.loss_sum.add_(loss.detach())
         self.correct.add_((logits.argmax(dim=1) == labels).sum())
+
+    def count(self, images: int) -> None:
+        """The host half of `update`: one more step of `images` images."""
         self.steps += 1
-        self.images += len(labels)
+        self.images += int(images)
+
+    def sums(self) -> list[torch.Tensor]:
+        """The device tensors a step adds into."""
+        return [t for t in (self.loss_sum, self.correct) if t is not None]
 
     def check(self, global_step: int) -> tuple[int, int] | None:
         """Every `check_every` steps: the window (first step, last step) in which the loss stopped being
