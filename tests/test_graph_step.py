@@ -15,6 +15,8 @@ amplifies within a few steps.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -113,3 +115,44 @@ def test_the_graph_ready_step_reads_nothing_from_the_device(experiment: str, com
     ops = result["step_ops"]
     assert ops["steps"] == 3 * 25 and ops["syncs_per_step"] == 0, ops["syncs"]
     assert 50 < ops["ops_per_step"] < 1000
+
+
+class KeepEpochCheckpoint(L.Callback):
+    """Copy the run's last.ckpt as it is after epoch `epoch` (0-based) to epoch<epoch>.ckpt beside it."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch + 1:
+            import shutil
+
+            folder = Path(trainer.checkpoint_callback.dirpath)
+            if (folder / "last.ckpt").is_file():  # a run resumed at this epoch has written none yet
+                shutil.copyfile(folder / "last.ckpt", folder / f"epoch{self.epoch}.ckpt")
+
+
+@pytest.mark.parametrize("first,then", [("graph", "eager"), ("eager", "graph")])
+def test_a_run_resumed_in_the_other_step_mode_is_the_uninterrupted_run(first: str, then: str, compose_cfg,
+                                                                       tmp_path) -> None:
+    """The two modes keep their schedules differently (LambdaLR's state in the checkpoint, or a device
+    counter set from the global step): a run resumed across them still continues at its own step."""
+    window = [o for o in WINDOW if o != "callbacks.checkpoint=null"] + ["experiment=airbench94", "data.batch_size=32"]
+    results = {}
+    kept = "first/checkpoints/epoch1.ckpt"
+    for name, mode, resume in (("whole", then, None), ("first", first, None), ("resumed", then, kept)):
+        cfg = compose_cfg(*window, f"step.mode={mode}")
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / name)
+            cfg.paths.checkpoint_dir = str(tmp_path / name / "checkpoints")
+            del cfg["hydra"]
+            # in every run (a resume is refused when the callbacks differ); only the first's copy is used
+            cfg.callbacks.keep = {"_target_": "test_graph_step.KeepEpochCheckpoint", "epoch": 1}
+            if resume:
+                cfg.ckpt_path = str(tmp_path / resume)
+        results[name] = train(cfg)
+        assert results[name]["status"] == "ok", results[name].get("error")
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["state_dict"]
+    resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert results["resumed"]["test_acc"] == results["whole"]["test_acc"]

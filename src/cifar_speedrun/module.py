@@ -211,6 +211,13 @@ class SpeedrunModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.uses_graph_step():
             self.train_step = self._build_train_step()
+            return
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and scheduler.last_epoch != self.global_step:
+            # A checkpoint without the LambdaLR's state (written by step.mode=graph, whose schedule lives on
+            # the device): the schedule continues at the step the run has reached, not at step 0.
+            scheduler.last_epoch = self.global_step - 1
+            scheduler.step()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch

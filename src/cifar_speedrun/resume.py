@@ -24,7 +24,8 @@ from cifar_speedrun.errors import UserError
 # where things live, how it is logged).
 CHANGEABLE = ("epochs", "trainer.max_epochs", *hydra_job.PLUMBING, "trainer.log_every_n_steps",
               "trainer.default_root_dir", "nan_check_every", "callbacks.results_writer.", "callbacks.model_file.",
-              "callbacks.lr_logger.", "task_name", "run_keys", "wandb_group")
+              "callbacks.lr_logger.", "task_name", "run_keys", "wandb_group",
+              "step.mode")  # the same step op by op or replayed (tests/test_graph_step.py resumes across modes)
 
 
 def _key(override: str) -> str:
