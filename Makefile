@@ -34,7 +34,7 @@ lint: install-dev
 	$(PY) -m ruff check src tests train.py benchmarks
 
 report: install
-	$(PY) -m cifar_speedrun.report $(DIR) $(REPORT_ARGS)
+	$(PY) -m cifar_speedrun.records.report $(DIR) $(REPORT_ARGS)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, open_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cifar_speedrun.config import CONF_DIR  # noqa: E402
-from cifar_speedrun.resolvers import register_resolvers  # noqa: E402
+from cifar_speedrun.conf_files import CONF_DIR  # noqa: E402
+from cifar_speedrun.config.resolvers import register_resolvers  # noqa: E402
 
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "cifar10" / "cifar10-jpeg-q75.tar.gz"
 

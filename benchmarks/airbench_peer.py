@@ -36,7 +36,8 @@ from typing import Any
 import _common
 import torch
 
-from cifar_speedrun.sources import CIFAR10_CLASSES, Cifar10Uint8, load_cifar10_uint8
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import Cifar10Uint8, load_cifar10_uint8
 
 PACKAGE = "airbench"
 VERSION = "0.1.8"

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, AugmentConfig, augment_batch, pad_reflect, standardize
-from cifar_speedrun.sources import load_cifar10_uint8
+from cifar_speedrun.operations.sources import load_cifar10_uint8
+from cifar_speedrun.recipe.augment import PAGE_MEAN, PAGE_STD, AugmentConfig, augment_batch, pad_reflect, standardize
 
 
 class Cutout:

@@ -24,8 +24,8 @@ import os
 import torch
 from _common import archive_path
 
-from cifar_speedrun.model_file import load_model
-from cifar_speedrun.sources import load_cifar10_uint8
+from cifar_speedrun.operations.sources import load_cifar10_uint8
+from cifar_speedrun.records.model_file import load_model
 
 
 def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cifar_speedrun.models.layers import GhostBatchNorm
+from cifar_speedrun.recipe.models.layers import GhostBatchNorm
 
 
 class EagerGhostBatchNorm(GhostBatchNorm):

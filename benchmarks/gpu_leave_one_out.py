@@ -5,7 +5,7 @@ The CPU proxy (width 0.125, fp32) ranks the tricks by their leave-one-out differ
 makes a proxy ranking worth trusting. This runs the same ten configurations (conf/sweep/
 leave_one_out.yaml: all tricks, then all but one) on the GPU, seed-major (seed 0 of every row, then
 seed 1, ...), so a run cut short by its time budget still has every row at the same n. After every run
-it writes the runs as a results CSV (`python -m cifar_speedrun.report <csv>` makes the table) and a
+it writes the runs as a results CSV (`python -m cifar_speedrun.records.report <csv>` makes the table) and a
 run that already finished (same row and seed in --csv) is not run again, so a second call completes
 the first.
 
@@ -30,7 +30,7 @@ import _common
 import yaml
 from omegaconf import open_dict
 
-from cifar_speedrun.report import load_runs_csv, write_runs_csv
+from cifar_speedrun.records.report import load_runs_csv, write_runs_csv
 from cifar_speedrun.train import train
 
 SMOKE = ["trainer=cpu", "model.width=0.125", "data.subset=1024", "data.batch_size=256", "data.test_subset=500",
@@ -124,7 +124,7 @@ def run(key: str, seed: int, mode: str, common: list[str], runs_dir: Path) -> di
 
 def as_report_run(result: dict, key: str, seed: int, mode: str, index: int):
     """The run as the report's Run, its configuration the row (with the step mode it ran in)."""
-    from cifar_speedrun.report import Run
+    from cifar_speedrun.records.report import Run
 
     config = result.get("config") or {}
     return Run(path=Path(key), job=index, status=str(result.get("status")), config_key=f"{key} step.mode={mode}",

@@ -174,7 +174,7 @@ def run_once(overrides: list[str], out: Path, profile_steps: int = 0) -> dict:
     A run that fails is returned as such (status, error), so one failure costs one row, not the call."""
     cfg = _common.compose_config(overrides, output_dir=str(out))
     with open_dict(cfg):
-        cfg.callbacks.step_clock = {"_target_": "cifar_speedrun.callbacks.StepClock", "profile_steps": profile_steps}
+        cfg.callbacks.step_clock = {"_target_": "step_clock.StepClock", "profile_steps": profile_steps}
     try:
         return train(cfg)
     except Exception as error:

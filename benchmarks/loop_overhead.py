@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from cifar_speedrun.module import SpeedrunModule
-from cifar_speedrun.schedule import PiecewiseLinear, resolve_knots
+from cifar_speedrun.recipe.module import SpeedrunModule
+from cifar_speedrun.recipe.schedule import PiecewiseLinear, resolve_knots
 
 
 class EpochClock(L.Callback):

@@ -24,9 +24,9 @@ from _common import archive_path, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_speedrun.models.layers import PatchWhitening
-from cifar_speedrun.optim import muon_sgd
-from cifar_speedrun.schedule import PiecewiseLinear, group_schedules, resolve_knots
+from cifar_speedrun.recipe.models.layers import PatchWhitening
+from cifar_speedrun.recipe.optim import muon_sgd
+from cifar_speedrun.recipe.schedule import PiecewiseLinear, group_schedules, resolve_knots
 
 
 def main() -> None:

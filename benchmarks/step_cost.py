@@ -40,11 +40,12 @@ from typing import Any
 import _common
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from op_count import OpCounter
 
-from cifar_speedrun.op_count import OpCounter
-from cifar_speedrun.schedule import PiecewiseLinear, group_schedules, resolve_knots
+from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.schedule import PiecewiseLinear, group_schedules, resolve_knots
 from cifar_speedrun.train import train
 
 DEFAULT_EXPERIMENTS = ["page_baseline", "page_final", "airbench94", "airbench94_muon"]
@@ -70,10 +71,10 @@ def project(cfg: DictConfig, count: bool) -> dict[str, Any]:
     its Python hook on every op would slow the very steps being timed, so times and counts come from
     separate runs)."""
     with open_dict(cfg):
-        cfg.callbacks.step_clock = {"_target_": "cifar_speedrun.callbacks.StepClock", "skip_epochs": 1,
+        cfg.callbacks.step_clock = {"_target_": "step_clock.StepClock", "skip_epochs": 1,
                                     "keep_all": True}
         if count:
-            cfg.callbacks.step_ops = {"_target_": "cifar_speedrun.op_count.StepOps", "skip_epochs": 1}
+            cfg.callbacks.step_ops = {"_target_": "op_count.StepOps", "skip_epochs": 1}
     result = train(cfg)
     out: dict[str, Any] = {"host_ms": result["step_ms"]["host_ms_all"]}
     if count:
@@ -129,7 +130,7 @@ def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool,
     smoothing = float(cfg.loss.label_smoothing) if recipe else 0.0
     averaging = None
     if recipe:
-        built = get_method(str(optim_cfg.get("builder")))(net, optim_cfg, int(cfg.data.batch_size), "cpu")
+        built = OPTIMIZERS[str(optim_cfg.get("builder"))][0](net, optim_cfg, int(cfg.data.batch_size), "cpu")
         optimizer = built.optimizer
         schedule = PiecewiseLinear(resolve_knots(list(optim_cfg["schedule"]["epochs"]), float(cfg.epochs)),
                                    optim_cfg["schedule"]["factors"], steps_per_epoch)

@@ -14,10 +14,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from cifar_speedrun.config import CONF_DIR
-from cifar_speedrun.resolvers import register_resolvers
+from cifar_speedrun.conf_files import CONF_DIR
+from cifar_speedrun.config.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
+# The measuring callbacks (op_count.StepOps, step_clock.StepClock) live with the benchmarks: tests name them too.
+sys.path.insert(0, str(REPO / "benchmarks"))
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "cifar10" / "cifar10-jpeg-q75.tar.gz"
 
 register_resolvers()
@@ -40,7 +42,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def real_data(archive: str, cache_dir: str):
-    from cifar_speedrun.sources import load_cifar10_uint8
+    from cifar_speedrun.operations.sources import load_cifar10_uint8
 
     return load_cifar10_uint8("image_folder", None, archive, cache_dir)
 

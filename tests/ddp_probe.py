@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from cifar_speedrun.config import CONF_DIR
-from cifar_speedrun.resolvers import register_resolvers
+from cifar_speedrun.conf_files import CONF_DIR
+from cifar_speedrun.config.resolvers import register_resolvers
 from cifar_speedrun.train import train
 
 

@@ -13,15 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_speedrun.augment import AugmentConfig, AugmentedBatches
-from cifar_speedrun.callbacks import Lookahead
-from cifar_speedrun.config import validate
-from cifar_speedrun.models import build
-from cifar_speedrun.models.layers import BatchNorm, GhostBatchNorm, PatchWhitening
-from cifar_speedrun.module import SpeedrunModule
-from cifar_speedrun.optim import MuonSGD, airbench_scale, orthogonalize
-from cifar_speedrun.schedule import resolve_knots
-from cifar_speedrun.tta import tta_logits
+from cifar_speedrun.config.command_line import validate
+from cifar_speedrun.recipe.augment import AugmentConfig, AugmentedBatches
+from cifar_speedrun.recipe.averaging import Lookahead
+from cifar_speedrun.recipe.models import build
+from cifar_speedrun.recipe.models.layers import BatchNorm, GhostBatchNorm, PatchWhitening
+from cifar_speedrun.recipe.module import SpeedrunModule
+from cifar_speedrun.recipe.optim import MuonSGD, airbench_scale, orthogonalize
+from cifar_speedrun.recipe.schedule import resolve_knots
+from cifar_speedrun.recipe.tta import tta_logits
 
 # By hand, airbench94 at width 1 (widths 64, 256, 256; every conv 3x3 without bias):
 #   whitening bias 24 (the 24 filters are a frozen buffer)
@@ -68,7 +68,7 @@ def test_dirac_init_is_the_identity_on_the_first_channels(net: nn.Module) -> Non
 
 
 def test_airbench_whitening_has_both_signs_and_a_bias_frozen_after_its_epochs(real_data) -> None:
-    from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, standardize
+    from cifar_speedrun.recipe.augment import PAGE_MEAN, PAGE_STD, standardize
 
     white = build("airbench94", width=0.125).whiten
     white.fit_to_data(standardize(real_data.train_x[:2000], PAGE_MEAN, PAGE_STD))
@@ -164,7 +164,7 @@ def test_lookahead_copies_the_average_back_with_its_decay_schedule(tmp_path: Pat
     torch.manual_seed(0)
     data = _Batches([(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(6)])
     module = _Tiny()
-    lookahead = Lookahead(decay_base=0.9, decay_pow=2.0, every_n_steps=2, start_epochs=1)
+    lookahead = Lookahead(decay_base=0.9, decay_pow=2.0, every_n_steps=2, start_epochs=1, use_buffers=True)
     weights_after_callback = []
 
     class Probe(L.Callback):  # runs after Lookahead (later in the list)
@@ -204,7 +204,8 @@ def test_airbench_decoupled_lr_and_weight_decay_match_its_numbers(compose_cfg) -
     assert effective["lr_per_example"] == pytest.approx(1.46484e-3, rel=1e-4)
     assert effective["weight_decay_shrink_per_step"] == pytest.approx(1.99571e-3, rel=1e-4)
     assert effective["bias_lr_per_example"] == pytest.approx(0.09375, rel=1e-6)
-    groups = {g["name"]: g for g in module.parameter_groups()}
+    built = module.builder(module.net, module.optim_cfg, module.batch_size, "cpu")
+    groups = {g["name"]: g for g in built.optimizer.param_groups}
     for name, lr_example in (("weights", 11.5 / 7850.6667), ("biases", 64 * 11.5 / 7850.6667)):
         assert groups[name]["lr"] == pytest.approx(lr_example * 1024, rel=1e-5)
         assert groups[name]["lr"] * groups[name]["weight_decay"] == pytest.approx(1.99571e-3, rel=1e-4)

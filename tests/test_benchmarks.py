@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from cifar_speedrun.sources import CIFAR10_CLASSES
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
 
 
 def _run(args: list[str], archive: str, cache_dir: str) -> subprocess.CompletedProcess[str]:
@@ -67,7 +67,7 @@ def test_gpu_speedrun_smoke_runs_recipes_side_by_side_on_cpu(tmp_path: Path, arc
 @pytest.mark.slow
 def test_gpu_leave_one_out_writes_every_row_seed_major_and_completes_a_cut_run(tmp_path: Path, archive: str,
                                                                                cache_dir: str, real_data) -> None:
-    from cifar_speedrun.report import load_runs_csv
+    from cifar_speedrun.records.report import load_runs_csv
 
     csv = tmp_path / "loo.csv"
     first = _run(["benchmarks/gpu_leave_one_out.py", "--smoke", "--seeds", "0", "--rows", "0", "--csv", str(csv)],
@@ -187,7 +187,7 @@ def test_bn_recalibration_sets_each_statistic_to_the_plain_mean_over_batches() -
     import torch
     from torch import nn
 
-    from cifar_speedrun.models.layers import GhostBatchNorm
+    from cifar_speedrun.recipe.models.layers import GhostBatchNorm
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

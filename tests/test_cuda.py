@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from cifar_speedrun.optim import OPTIMIZERS
-from cifar_speedrun.step import LearningRates, TrainStep, autocast_dtype
+from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.step import LearningRates, TrainStep, autocast_dtype
+from cifar_speedrun.recipe.train_metrics import EpochMetrics
 from cifar_speedrun.train import train
-from cifar_speedrun.train_metrics import EpochMetrics
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

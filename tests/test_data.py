@@ -11,19 +11,20 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from cifar_speedrun import augment as augment_lib
-from cifar_speedrun import sources as sources_lib
-from cifar_speedrun.augment import (
+from cifar_speedrun.errors import UserError
+from cifar_speedrun.operations import sources as sources_lib
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import load_cifar10_uint8, select_subset
+from cifar_speedrun.recipe import augment as augment_lib
+from cifar_speedrun.recipe.augment import (
     AugmentConfig,
     AugmentedBatches,
     augment_batch,
     crop_flip,
-    cutout,
+    cutout_,
     pad_reflect,
     standardize,
 )
-from cifar_speedrun.errors import UserError
-from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8, select_subset
 
 
 # ---------------------------------------------------------------- augmentation properties
@@ -73,7 +74,7 @@ def test_flip_happens_about_half_the_time() -> None:
 @pytest.mark.parametrize("top,left", [(10, 12), (-3, 5), (28, 29), (-7, -7), (0, 24)])
 def test_cutout_zeroes_exactly_the_clipped_square(top: int, left: int) -> None:
     images = torch.randn(1, 3, 32, 32).abs() + 1  # no zeros to start with
-    out = cutout(images, torch.tensor([top]), torch.tensor([left]), 8)
+    out = cutout_(images.clone(), torch.tensor([top]), torch.tensor([left]), 8)
     expected = images.clone()
     expected[:, :, max(top, 0):max(top + 8, 0), max(left, 0):max(left + 8, 0)] = 0
     assert torch.equal(out, expected)

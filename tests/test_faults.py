@@ -27,13 +27,14 @@ from conftest import REPO, TINY, run_train
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from cifar_speedrun import report as report_lib
-from cifar_speedrun import storage
 from cifar_speedrun import train as train_lib
-from cifar_speedrun.archive import safe_extract
-from cifar_speedrun.config import validate
+from cifar_speedrun.config.command_line import validate
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8, source_identity
+from cifar_speedrun.operations import storage
+from cifar_speedrun.operations.archive import safe_extract
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import load_cifar10_uint8, source_identity
+from cifar_speedrun.records import report as report_lib
 
 THREE_EPOCHS = [o for o in TINY if not o.startswith(("epochs=", "optim.schedule", "data.subset"))] + [
     "epochs=3", "optim.schedule.epochs=[0,1,3]", "data.subset=2048"]
@@ -174,7 +175,7 @@ def test_a_foreign_pickle_through_train_and_eval_is_one_line(tmp_path: Path, arc
 
 
 def test_files_follow_the_users_umask(tmp_path: Path) -> None:
-    script = ("import os, sys; os.umask(int(sys.argv[2], 8)); from cifar_speedrun import storage; "
+    script = ("import os, sys; os.umask(int(sys.argv[2], 8)); from cifar_speedrun.operations import storage; "
               "storage.write_json_atomic({'a': 1}, sys.argv[1]); "
               "storage.save_tensors_atomic({'x': 1}, sys.argv[1] + '.pt')")
     for mask, mode in (("002", 0o664), ("022", 0o644), ("077", 0o600)):
@@ -553,20 +554,26 @@ def test_interpolated_copies_name_the_key_the_user_set(compose_cfg) -> None:
 
 
 def test_model_helpers_and_averaging_callbacks_refuse_in_one_line() -> None:
-    from cifar_speedrun.callbacks import EMA, Lookahead
-    from cifar_speedrun.models import build, build_norm, build_whitening
+    from cifar_speedrun.recipe.averaging import EMA, Lookahead
+    from cifar_speedrun.recipe.models import build, build_norm, build_whitening
+
+    def ema(**settings):
+        return EMA(use_buffers=True, **settings)
+
+    def lookahead(**settings):
+        return Lookahead(use_buffers=True, **settings)
 
     for call, message in ((lambda: build("nosuch"), "model='nosuch' is not a model family"),
                           (lambda: build_norm(8, kind="x"), "model.norm.kind='x' is not known"),
                           (lambda: build_whitening(kernel_size=0), "model.whitening.kernel_size=0 must be"),
-                          (lambda: EMA(momentum=0.99, every_n_steps=0), "callbacks.ema.every_n_steps=0 must be"),
-                          (lambda: EMA(momentum=1.5, every_n_steps=5), "callbacks.ema.momentum=1.5 must be"),
-                          (lambda: EMA(momentum=float("nan"), every_n_steps=5),
+                          (lambda: ema(momentum=0.99, every_n_steps=0), "callbacks.ema.every_n_steps=0 must be"),
+                          (lambda: ema(momentum=1.5, every_n_steps=5), "callbacks.ema.momentum=1.5 must be"),
+                          (lambda: ema(momentum=float("nan"), every_n_steps=5),
                            "callbacks.ema.momentum=nan must be a finite number"),
-                          (lambda: Lookahead(decay_base="abc", decay_pow=3.0, every_n_steps=5, start_epochs=3),
+                          (lambda: lookahead(decay_base="abc", decay_pow=3.0, every_n_steps=5, start_epochs=3),
                            "callbacks.lookahead.decay_base='abc' must be"),
                           # int() would have truncated it; the run would start averaging at another epoch
-                          (lambda: Lookahead(decay_base=0.95, decay_pow=3.0, every_n_steps=5, start_epochs=1.5),
+                          (lambda: lookahead(decay_base=0.95, decay_pow=3.0, every_n_steps=5, start_epochs=1.5),
                            "callbacks.lookahead.start_epochs=1.5 must be an integer")):
         with pytest.raises(UserError) as info:
             call()

@@ -15,14 +15,14 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, standardize
-from cifar_speedrun.callbacks import EMA
-from cifar_speedrun.config import validate
+from cifar_speedrun.config.command_line import validate
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import build_norm, build_whitening
-from cifar_speedrun.models.layers import GhostBatchNorm, PatchWhitening
-from cifar_speedrun.module import SpeedrunModule
-from cifar_speedrun.schedule import PiecewiseLinear, resolve_knots
+from cifar_speedrun.recipe.augment import PAGE_MEAN, PAGE_STD, standardize
+from cifar_speedrun.recipe.averaging import EMA
+from cifar_speedrun.recipe.models import build_norm, build_whitening
+from cifar_speedrun.recipe.models.layers import GhostBatchNorm, PatchWhitening
+from cifar_speedrun.recipe.module import SpeedrunModule
+from cifar_speedrun.recipe.schedule import PiecewiseLinear, resolve_knots
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the ghost-BN benchmark's 'before' layer
 
@@ -166,9 +166,10 @@ def test_ghost_bn_with_ema_evaluates_the_averaged_split_statistics(tmp_path: Pat
         pass
 
     module = _GhostNet()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, callbacks=[EMA(momentum=0.5, every_n_steps=2)],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    ema = EMA(momentum=0.5, every_n_steps=2, use_buffers=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, callbacks=[ema], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
     trainer.fit(module, Batches(batches), Batches(batches[:2]))
     bn = module.net[1]  # the model now holds the EMA weights and buffers
     module.eval()

@@ -94,7 +94,7 @@ def test_the_graph_step_logs_the_learning_rates_the_eager_step_logs(compose_cfg,
 
 
 def test_graph_mode_is_refused_where_it_cannot_run(compose_cfg) -> None:
-    from cifar_speedrun.config import validate
+    from cifar_speedrun.config.command_line import validate
     from cifar_speedrun.errors import UserError
 
     cfg = compose_cfg("step.mode=graph", "+trick=compile", "compile.mode=reduce-overhead", "trainer=cpu")
@@ -109,7 +109,7 @@ def test_the_graph_ready_step_reads_nothing_from_the_device(experiment: str, com
 
     cfg = compose_cfg(*STEP_WINDOW, f"experiment={experiment}", "step.mode=graph")
     with open_dict(cfg):
-        cfg.callbacks.step_ops = {"_target_": "cifar_speedrun.op_count.StepOps", "skip_epochs": 1}
+        cfg.callbacks.step_ops = {"_target_": "op_count.StepOps", "skip_epochs": 1}
         del cfg["hydra"]
     result = train(cfg)
     ops = result["step_ops"]

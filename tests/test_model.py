@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import build
-from cifar_speedrun.models.layers import count_parameters
+from cifar_speedrun.recipe.models import build
+from cifar_speedrun.recipe.models.layers import count_parameters
 
 # By hand, width 1.0 (3x3 convs without bias, BN has a scale and a bias per channel):
 #   convs: 3*64*9 + 64*128*9 + 2*128*128*9 + 128*256*9 + 256*512*9 + 2*512*512*9 = 6,563,520
@@ -53,3 +53,15 @@ def test_width_multiplier(width: float, channels: tuple[int, ...]) -> None:
 def test_bad_width_is_refused() -> None:
     with pytest.raises(UserError, match="model.width"):
         build("davidnet", width=0)
+
+
+def test_a_family_is_found_by_its_class_within_this_package_and_nothing_named_is_imported() -> None:
+    """Model files written before the recipe/ subpackage (and before models/) still name their family."""
+    from cifar_speedrun.recipe.models import family_for
+    from cifar_speedrun.recipe.models.davidnet import DavidNet
+
+    for target in ("cifar_speedrun.recipe.models.davidnet.DavidNet", "cifar_speedrun.models.davidnet.DavidNet",
+                   "cifar_speedrun.model.DavidNet"):
+        assert family_for(target) is DavidNet
+    for target in ("evil.DavidNet", "DavidNet", "cifar_speedrun.models.base.torch.save", "os.system", None, 3):
+        assert family_for(target) is None

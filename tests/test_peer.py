@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from cifar_speedrun.sources import CIFAR10_CLASSES, Cifar10Uint8
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import Cifar10Uint8
 
 
 @pytest.fixture(scope="module")

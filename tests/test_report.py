@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import stats
 from wandb_records import summarize
 
-from cifar_speedrun import report as report_lib
+from cifar_speedrun.records import report as report_lib
 
 
 def _write(root: Path, job: int, overrides: str, seed: int, acc: float | None, seconds: float = 10.0,

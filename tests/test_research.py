@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import run_train
 
-from cifar_speedrun import report as report_lib
-from cifar_speedrun.config import validate
+from cifar_speedrun.config.command_line import validate
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.sources import validation_split
+from cifar_speedrun.operations.sources import validation_split
+from cifar_speedrun.records import report as report_lib
 
 
 def test_the_validation_split_is_class_balanced_fixed_and_disjoint() -> None:

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cifar_speedrun.config import validate
+from cifar_speedrun.config.command_line import validate
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import build, count_parameters
-from cifar_speedrun.models.layers import GhostBatchNorm, PatchWhitening
-from cifar_speedrun.models.resnet18 import BasicBlock, ResNet18
-from cifar_speedrun.module import SpeedrunModule
-from cifar_speedrun.optim import MuonSGD
+from cifar_speedrun.recipe.models import build, count_parameters
+from cifar_speedrun.recipe.models.layers import GhostBatchNorm, PatchWhitening
+from cifar_speedrun.recipe.models.resnet18 import BasicBlock, ResNet18
+from cifar_speedrun.recipe.module import SpeedrunModule
+from cifar_speedrun.recipe.optim import MuonSGD
 
 # By hand, width 1 (3x3 convs and 1x1 shortcut convs without bias; BN: a scale and a bias per channel):
 #   stem    3*64*9                                                  =      1,728

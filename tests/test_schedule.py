@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.schedule import PiecewiseLinear, check_schedule
+from cifar_speedrun.recipe.schedule import PiecewiseLinear, check_schedule
 
 
 def test_page_baseline_schedule_values_at_the_points() -> None:

@@ -2,7 +2,7 @@
 
 On a GPU every `.item()` / `bool(t)` / data-dependent shape in a step makes the host wait for the
 device, and every op is a kernel launch. Both are counted here on the CPU with a TorchDispatchMode
-(`cifar_speedrun.op_count`), per training step, through `train()` as `python train.py` runs it, for
+(`benchmarks/op_count.py`), per training step, through `train()` as `python train.py` runs it, for
 every experiment and every configuration of the leave-one-out sweep, over enough steps to include
 what happens only every few steps (EMA and lookahead every 5, the NaN watch every 25, lr logging).
 Counts are asserted; times are not (benchmarks/step_cost.py measures those).
@@ -19,8 +19,8 @@ import yaml
 from conftest import REPO
 from omegaconf import open_dict
 
+from cifar_speedrun.recipe.train_metrics import EpochMetrics
 from cifar_speedrun.train import train
-from cifar_speedrun.train_metrics import EpochMetrics
 
 # 4 epochs of 26 steps: EMA / lookahead updates (every 5 steps; lookahead from epoch 3), two NaN-watch
 # reads (every 25) and lr logs (every 50) fall inside the counted steps (epochs 1-3).
@@ -49,7 +49,7 @@ CONFIGS = {
 def test_no_training_step_reads_the_device(overrides: list[str], compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg(*STEP_WINDOW, *overrides)
     with open_dict(cfg):
-        cfg.callbacks.step_ops = {"_target_": "cifar_speedrun.op_count.StepOps", "skip_epochs": 1}
+        cfg.callbacks.step_ops = {"_target_": "op_count.StepOps", "skip_epochs": 1}
         del cfg["hydra"]  # a job's config, as train.py hands it over
     result = train(cfg)
     ops = result["step_ops"]
@@ -85,7 +85,7 @@ def test_epoch_metrics_are_the_mean_loss_and_the_accuracy() -> None:
 def test_muon_takes_grad_scaler_tensors_and_skips_an_inf_step_on_the_device() -> None:
     """With fp16 loss scaling, GradScaler hands MuonSGD `grad_scale` and `found_inf` instead of reading
     found_inf back every step: a scaled step equals the unscaled one, and an inf step changes nothing."""
-    from cifar_speedrun.optim import MuonSGD
+    from cifar_speedrun.recipe.optim import MuonSGD
 
     def fresh() -> tuple[list[torch.nn.Parameter], MuonSGD]:
         torch.manual_seed(0)

@@ -9,8 +9,8 @@ import pytest
 from conftest import TINY, run_train
 from hydra.utils import instantiate
 
-from cifar_speedrun.config import validate
-from cifar_speedrun.schedule import resolve_knots
+from cifar_speedrun.config.command_line import validate
+from cifar_speedrun.recipe.schedule import resolve_knots
 
 # Measured on this repo's CPU (2 cores), lossy JPEG CIFAR-10, width 0.25, 10,000-image subset,
 # 3 epochs with the schedule 0 -> 1 at epoch 1 -> 0 at epoch 3: 45.3% test accuracy (seed 0).

@@ -13,16 +13,16 @@ from conftest import TINY, run_train
 from hydra.utils import instantiate
 from torch import nn
 
-from cifar_speedrun.callbacks import EMA
-from cifar_speedrun.config import available_options, check_group_overrides, validate
+from cifar_speedrun.config.command_line import available_options, check_group_overrides, validate
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import build as build_net
-from cifar_speedrun.models import build_norm, build_whitening
-from cifar_speedrun.models.layers import BatchNorm, PatchWhitening
-from cifar_speedrun.module import SpeedrunModule
-from cifar_speedrun.optim import effective_hyperparameters
-from cifar_speedrun.schedule import resolve_knots
-from cifar_speedrun.tta import tta_logits
+from cifar_speedrun.recipe.averaging import EMA
+from cifar_speedrun.recipe.models import build as build_net
+from cifar_speedrun.recipe.models import build_norm, build_whitening
+from cifar_speedrun.recipe.models.layers import BatchNorm, PatchWhitening
+from cifar_speedrun.recipe.module import SpeedrunModule
+from cifar_speedrun.recipe.optim import effective_hyperparameters
+from cifar_speedrun.recipe.schedule import resolve_knots
+from cifar_speedrun.recipe.tta import tta_logits
 
 PAGE_TRICKS = ["mixed_precision", "pool_before_norm", "label_smoothing", "celu", "ghost_bn", "frozen_bn_scale",
                "whitening", "ema", "tta"]
@@ -90,7 +90,7 @@ def test_frozen_scales_stay_fixed_while_biases_learn(compose_cfg) -> None:
     norms = [m for m in module.net.modules() if isinstance(m, BatchNorm)]
     scales = [n.weight.detach().clone() for n in norms]
     biases = [n.bias.detach().clone() for n in norms]
-    groups = module.parameter_groups()
+    groups = module.builder(module.net, module.optim_cfg, module.batch_size, "cpu").optimizer.param_groups
     optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
     weights_group, bias_group = groups
     assert bias_group["lr"] == pytest.approx(64 * weights_group["lr"])
@@ -107,7 +107,7 @@ def test_frozen_scales_stay_fixed_while_biases_learn(compose_cfg) -> None:
 
 # ---------------------------------------------------------------- whitening
 def test_whitening_filters_make_patch_covariance_identity(real_data) -> None:
-    from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, standardize
+    from cifar_speedrun.recipe.augment import PAGE_MEAN, PAGE_STD, standardize
 
     images = standardize(real_data.train_x[:2000], PAGE_MEAN, PAGE_STD)
     white = build_whitening(eps=1e-8)
@@ -166,7 +166,7 @@ def test_ema_weights_equal_the_closed_form_average(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = _Batches([(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(12)])
     module = _Tiny()
-    ema = EMA(momentum=0.9, every_n_steps=3)
+    ema = EMA(momentum=0.9, every_n_steps=3, use_buffers=True)
     trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=[ema], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
@@ -237,7 +237,7 @@ def test_channels_last_and_compile_flags(compose_cfg) -> None:
 
 
 def test_cutout_toggle(compose_cfg) -> None:
-    from cifar_speedrun.augment import AugmentConfig, augment_batch
+    from cifar_speedrun.recipe.augment import AugmentConfig, augment_batch
 
     cfg = compose_cfg("data.cutout=false")
     assert cfg.data.cutout is False

@@ -29,16 +29,17 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from test_faults import _main, _one_error_line, _tiny_dataset
 
-from cifar_speedrun import archive as archive_lib
 from cifar_speedrun import evaluate as evaluate_lib
-from cifar_speedrun import interrupts, run_lock
-from cifar_speedrun.archive import safe_extract
 from cifar_speedrun.errors import UserError, cause_chain, describe, find_user_error
-from cifar_speedrun.model_file import FORMAT, build_model, load_model
-from cifar_speedrun.models import build, by_name, default_settings, target_of
-from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8
+from cifar_speedrun.operations import archive as archive_lib
+from cifar_speedrun.operations import interrupts, run_lock
+from cifar_speedrun.operations.archive import safe_extract
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import load_cifar10_uint8
+from cifar_speedrun.recipe.models import build, by_name, default_settings, target_of
+from cifar_speedrun.records.model_file import FORMAT, build_model, load_model
 
-DAVIDNET = "cifar_speedrun.models.davidnet.DavidNet"
+DAVIDNET = "cifar_speedrun.recipe.models.davidnet.DavidNet"
 
 
 def _eval_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -65,14 +66,14 @@ def _attacks(victim: Path, payload: Path) -> list[tuple[str, dict]]:
     """Model configs an attacker could put in model.pt or a checkpoint, one per class of attack."""
     return [
         ("attribute path through an imported module (truncate a file)",
-         {"_target_": "cifar_speedrun.models.base.torch.os.open", "path": str(victim),
+         {"_target_": "cifar_speedrun.recipe.models.base.torch.os.open", "path": str(victim),
           "flags": os.O_TRUNC | os.O_WRONLY}),
         ("attribute path to torch.save (overwrite a file)",
-         {"_target_": "cifar_speedrun.models.base.torch.save", "obj": "owned", "f": str(victim)}),
-        ("attribute path to makedirs", {"_target_": "cifar_speedrun.models.base.torch.os.makedirs",
+         {"_target_": "cifar_speedrun.recipe.models.base.torch.save", "obj": "owned", "f": str(victim)}),
+        ("attribute path to makedirs", {"_target_": "cifar_speedrun.recipe.models.base.torch.os.makedirs",
                                         "name": str(victim.parent / "made")}),
         ("torch.load of a second file without weights_only",
-         {"_target_": "cifar_speedrun.models.base.torch.load", "f": str(payload), "weights_only": False}),
+         {"_target_": "cifar_speedrun.recipe.models.base.torch.load", "f": str(payload), "weights_only": False}),
         ("a plain module function", {"_target_": "os.system", "command": f"echo owned > {victim}"}),
         ("a target that is not text", {"_target_": ["os", "system"]}),
         ("nested target in an argument", {"_target_": DAVIDNET,
@@ -296,7 +297,7 @@ def test_cause_chain_walks_end_on_a_self_cause_and_on_a_cycle() -> None:
 
 
 def test_a_non_disk_os_error_is_raised_once_not_as_its_own_cause(tmp_path: Path, monkeypatch) -> None:
-    from cifar_speedrun import storage
+    from cifar_speedrun.operations import storage
 
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")
@@ -323,7 +324,7 @@ def test_places_that_cannot_be_used_exit_2_at_once(setting: str, message: str, t
 
 # ================================================================ one run per folder
 def _hold_in_another_process(folder: Path) -> subprocess.Popen:
-    code = ("import sys, time; from cifar_speedrun import run_lock; "
+    code = ("import sys, time; from cifar_speedrun.operations import run_lock; "
             "assert run_lock.try_lock(sys.argv[1], 'hydra.run.dir') is None; print('locked', flush=True); "
             "time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
@@ -556,7 +557,7 @@ def test_broken_and_looping_symlinks_are_counted(tmp_path: Path, capsys) -> None
 
 
 def test_the_run_line_lists_only_tricks_in_effect() -> None:
-    from cifar_speedrun.tracking import tricks_in_effect
+    from cifar_speedrun.records.tracking import tricks_in_effect
 
     assert tricks_in_effect(["mixed_precision", "ema"], "32-true") == (["ema"], ["mixed_precision"])
     assert tricks_in_effect(["mixed_precision", "ema"], "bf16-mixed") == (["mixed_precision", "ema"], [])
@@ -566,7 +567,7 @@ def test_results_name_the_commit_the_run_started_with(tmp_path: Path, monkeypatc
     """A checkout edited during a run (a results CSV merged, a doc fixed) does not relabel the run's code."""
     from types import SimpleNamespace
 
-    from cifar_speedrun import callbacks
+    from cifar_speedrun.records import results as callbacks
 
     monkeypatch.setattr(callbacks, "code_version", lambda: "abc123")
     writer = callbacks.ResultsWriter(str(tmp_path))
@@ -594,7 +595,7 @@ def test_results_name_the_code_commit_and_no_lightning_chatter(tmp_path: Path, a
 
 # ================================================================ the model file's inputs
 def test_the_classifier_takes_uint8_or_unit_floats_and_refuses_the_rest(tmp_path: Path) -> None:
-    from cifar_speedrun.model_file import Classifier
+    from cifar_speedrun.records.model_file import Classifier
 
     torch.manual_seed(0)
     net = build("davidnet", width=0.125)
@@ -639,7 +640,7 @@ def test_a_cleanup_finishes_through_two_signals_then_the_interruption_arrives(tm
 # ================================================================ a hostile file's other fields, size and data
 def _smoke_model_file(tmp_path: Path) -> dict:
     """A real model.pt's contents (a tiny DavidNet), to be edited into hostile variants."""
-    from cifar_speedrun.model_file import save_model_file
+    from cifar_speedrun.records.model_file import save_model_file
 
     net = build("davidnet", width=0.125)
     path = tmp_path / "real.pt"
@@ -713,7 +714,7 @@ def test_skipped_members_count_against_the_bytes_read_and_long_names_are_skipped
 
 
 def test_an_archive_file_larger_than_any_cifar_archive_is_not_read(tmp_path: Path, monkeypatch) -> None:
-    from cifar_speedrun.sources import source_identity
+    from cifar_speedrun.operations.sources import source_identity
 
     monkeypatch.setattr(archive_lib, "MAX_ARCHIVE_BYTES", 1000)
     big = tmp_path / "big.tar.gz"

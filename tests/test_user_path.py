@@ -15,9 +15,8 @@ import torch
 from conftest import REPO, TINY, run_train
 from wandb_records import summarize
 
-from cifar_speedrun import report as report_lib
-from cifar_speedrun.hydra_job import config_key
-from cifar_speedrun.tracking import run_name
+from cifar_speedrun.config.hydra_job import config_key, run_name
+from cifar_speedrun.records import report as report_lib
 
 
 def _wandb_run(folder: Path) -> dict:
@@ -79,10 +78,10 @@ def test_multirun_jobs_share_a_group_and_report_joins_it(tmp_path: Path, archive
     assert first["name"].startswith("seed 0 · trainer=cpu · ") and second["name"].startswith("seed 1 · ")
     assert json.loads(first["config"]["config_key"]) == json.loads(second["config"]["config_key"])
     assert "[multirun] 2 of 2 jobs ok" in result.stdout
-    assert f"python -m cifar_speedrun.report {sweep}" in result.stdout
+    assert f"python -m cifar_speedrun.records.report {sweep}" in result.stdout
     # the report uploads into the same group, its offline files inside the multirun dir
     env = {**os.environ, "WANDB_MODE": "offline"}
-    done = subprocess.run([sys.executable, "-m", "cifar_speedrun.report", str(sweep), "--wandb"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "cifar_speedrun.records.report", str(sweep), "--wandb"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "wandb").exists(), "no ./wandb in the working directory"
@@ -198,8 +197,8 @@ def test_a_finished_checkpoint_is_refused_for_training(trained_run, tmp_path: Pa
 def test_model_file_loads_and_classifies(trained_run, real_data, tmp_path: Path) -> None:
     from PIL import Image
 
-    from cifar_speedrun.model_file import load_model
-    from cifar_speedrun.sources import select_subset
+    from cifar_speedrun.operations.sources import select_subset
+    from cifar_speedrun.records.model_file import load_model
 
     run_dir, _ = trained_run
     model = load_model(str(run_dir / "model.pt"))
@@ -220,7 +219,7 @@ def test_model_file_loads_and_classifies(trained_run, real_data, tmp_path: Path)
 
 def test_model_file_refuses_a_foreign_class(tmp_path: Path) -> None:
     from cifar_speedrun.errors import UserError
-    from cifar_speedrun.model_file import FORMAT, load_model
+    from cifar_speedrun.records.model_file import FORMAT, load_model
 
     torch.save({"format": FORMAT, "model_config": {"_target_": "os.system", "command": "echo owned"},
                 "state_dict": {}, "mean": [0, 0, 0], "std": [1, 1, 1], "classes": ["a", "b"]}, tmp_path / "evil.pt")

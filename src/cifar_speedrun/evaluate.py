@@ -22,18 +22,19 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_speedrun import config as config_lib
-from cifar_speedrun import hydra_job, resolvers, run_lock, storage, tracking
-from cifar_speedrun.augment import PAGE_MEAN, PAGE_STD, EvalBatches, channel_stats, standardize
+from cifar_speedrun.conf_files import CONF_DIR, evaluation_tricks
+from cifar_speedrun.config import command_line, hydra_job, resolvers
+from cifar_speedrun.config.settings import check_eval
 from cifar_speedrun.devices import device_name
 from cifar_speedrun.errors import UserError, find_user_error, full_error
-from cifar_speedrun.model_file import DATA_FROM_RUN, build_model, check_record, is_model_file, load_weights
-from cifar_speedrun.settings import check_eval
-from cifar_speedrun.sources import CIFAR10_CLASSES, load_cifar10_uint8, select_subset
-from cifar_speedrun.tta import tta_logits
+from cifar_speedrun.operations import run_lock, storage
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import load_cifar10_uint8, select_subset
+from cifar_speedrun.recipe.augment import PAGE_MEAN, PAGE_STD, EvalBatches, channel_stats, standardize
+from cifar_speedrun.recipe.tta import tta_logits
+from cifar_speedrun.records import tracking
+from cifar_speedrun.records.model_file import DATA_FROM_RUN, build_model, check_record, is_model_file, load_weights
 
-# Tricks that change how a trained network is evaluated; the others change training.
-EVAL_TRICKS = ("tta",)
 # Config groups of train.py that eval.py accepts, and what each option means here.
 TRAINER_DEVICES = {"default": "auto", "cpu": "cpu"}
 # train.py's groups that shape training only: eval.py refuses them by name (the checkpoint fixes them).
@@ -140,10 +141,11 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on the test set; `given`: the keys the command line set (default: Hydra's)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
-    extra = [name for name in (cfg.get("applied_tricks") or {}) if name not in EVAL_TRICKS]
+    evaluation = evaluation_tricks()  # tricks that set only tta.* keys (conf/trick/)
+    extra = [name for name in (cfg.get("applied_tricks") or {}) if name not in evaluation]
     if extra:
         raise UserError(f"trick {extra[0]!r} changes training, not evaluation: eval.py takes only "
-                        f"{', '.join(EVAL_TRICKS)} (the model is evaluated as it was trained)")
+                        f"{', '.join(evaluation)} (the model is evaluated as it was trained)")
     check_eval(cfg)
     path = str(cfg.ckpt_path)
     trained = _trained_model(path)
@@ -204,7 +206,7 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(config_lib.CONF_DIR), config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     try:
         with run_lock.held({str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}):
@@ -252,9 +254,9 @@ def main() -> None:
         given = [arg.split("=", 1)[1].strip() for arg in args if arg.split("=", 1)[0] == "ckpt_path"]
         if not any(arg.startswith("-") for arg in args) and (not given or given[-1] in ("", "null", "???")):
             raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
-        config_lib.check_arguments(args)
-        config_lib.check_group_overrides(args)
-        sys.argv[1:] = run_lock.pin_run_folder(args, config_lib.check_composition(args, "eval"))
+        command_line.check_arguments(args)
+        command_line.check_group_overrides(args)
+        sys.argv[1:] = run_lock.pin_run_folder(args, command_line.check_composition(args, "eval"))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

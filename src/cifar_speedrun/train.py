@@ -19,14 +19,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_speedrun import config as config_lib
-from cifar_speedrun import hydra_job, interrupts, resolvers, run_lock, storage, tracking
-from cifar_speedrun import resume as resume_lib
-from cifar_speedrun.callbacks import ResultsWriter
-from cifar_speedrun.csv_log import ResumableCSVLogger
+from cifar_speedrun.conf_files import CONF_DIR
+from cifar_speedrun.config import command_line, hydra_job, resolvers
 from cifar_speedrun.errors import UserError, describe, find_user_error, full_error
-from cifar_speedrun.interrupts import RunInterrupted
-from cifar_speedrun.module import SpeedrunModule
+from cifar_speedrun.operations import interrupts, run_lock, storage
+from cifar_speedrun.operations.interrupts import RunInterrupted
+from cifar_speedrun.recipe.module import SpeedrunModule
+from cifar_speedrun.records import resume as resume_lib
+from cifar_speedrun.records import tracking
+from cifar_speedrun.records.csv_log import ResumableCSVLogger
+from cifar_speedrun.records.results import ResultsWriter
 
 
 def _describe_data(cfg: DictConfig) -> str:
@@ -43,9 +45,8 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
     """One line with a measured estimate before a full-width run on a machine without CUDA."""
     if torch.cuda.is_available() or cfg.trainer.accelerator not in ("auto", "cpu") or cfg.model.width < 0.5:
         return
-    norm = cfg.model.get("norm") or {}
-    splits = int(norm.ghost_splits) if norm.kind == "ghost" else 1
-    size = splits * max(1, -(-16 // splits))  # 16 images, or the fewest that ghost BN's splits divide
+    splits = int(cfg.model.norm.ghost_splits)  # a multiple of it suits every norm (ghost BN needs one)
+    size = splits * max(1, -(-16 // splits))  # 16 images, or the fewest that the splits divide
     probe = torch.randn(size, 3, 32, 32)
     saved = {key: value.clone() for key, value in net.state_dict().items()}  # BN statistics change below
     net.train()
@@ -95,7 +96,7 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit, holding the run folder's lock. Returns the results dict (also in results.json)."""
-    config_lib.validate(cfg)
+    command_line.validate(cfg)
     checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
     writes_to = {str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}
     if checkpointing is not None and checkpointing.get("dirpath") and not _inside(str(checkpointing.dirpath),
@@ -246,7 +247,7 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@hydra.main(version_base="1.3", config_path=str(config_lib.CONF_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """One job. In a multirun a failed job is recorded and the sweep goes on; alone, it exits non-zero.
 
@@ -295,10 +296,10 @@ def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         args = sys.argv[1:]
-        config_lib.check_arguments(args)
+        command_line.check_arguments(args)
         args = resume_lib.resume_arguments(args)
-        config_lib.check_group_overrides(args)
-        sys.argv[1:] = run_lock.pin_run_folder(args, config_lib.check_composition(args, "train"))
+        command_line.check_group_overrides(args)
+        sys.argv[1:] = run_lock.pin_run_folder(args, command_line.check_composition(args, "train"))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,7 +4,7 @@ Written at the end of every fit as `<run>/model.pt` (callbacks.ModelFileWriter).
 tensors and plain values, so it loads with `torch.load(weights_only=True)`, never running code from
 the file. Use it without Hydra or Lightning:
 
-    from cifar_speedrun.model_file import load_model
+    from cifar_speedrun.records.model_file import load_model
     model = load_model("logs/train/runs/<time>/model.pt")
     model.classify(["cat.png", "ship.jpg"])          # -> ['cat', 'ship']
     model(uint8_images)                               # (N, 3, 32, 32) uint8, or float in [0, 1] -> logits
@@ -17,12 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from cifar_speedrun import storage
-from cifar_speedrun.augment import standardize
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.operations import storage
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.recipe.augment import standardize
+from cifar_speedrun.records.results import TrainTimer
 
 FORMAT = "cifar_speedrun.model/1"
 # The data settings a run records (model.pt's "data", a checkpoint's config), which eval.py takes
@@ -96,7 +100,7 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (uint8 0-255, or float in [0, 1]) -> logits (N, classes), with TTA as trained."""
-        from cifar_speedrun.tta import tta_logits
+        from cifar_speedrun.recipe.tta import tta_logits
 
         x = standardize(self._pixels(images), self.mean, self.std)
         return tta_logits(self.net, x, bool(self.tta.get("flip", False)), bool(self.tta.get("translate", False)),
@@ -192,22 +196,22 @@ def build_model(config: Any, source: str, state_dict: dict[str, Any] | None = No
     """The network a file describes, built only from the project's model families and plain settings.
 
     `config` is a model config read from a file someone handed over (model.pt's, or the config a
-    checkpoint stores). Its `_target_` must name one of `models.FAMILIES` exactly; every other
+    checkpoint stores). Its `_target_` must name one of `models.FAMILIES` (models.family_for); every other
     key must be a key of that family's typed settings and hold plain data. The class is called directly: no
     Hydra `instantiate`, no import of any path the file names, no interpolation. It is first built
     on PyTorch's meta device (no memory), where its size is checked against `MAX_PARAMETERS` and,
     given `state_dict`, its every tensor's shape against the file's own weights: a file cannot make
     this allocate more than the weights it carries. Anything else is refused in one line naming `source`.
     """
-    from cifar_speedrun.models import FAMILIES
+    from cifar_speedrun.recipe.models import FAMILIES, family_for
 
     if not isinstance(config, dict):
         raise UserError(f"{source} holds no model config (found a {type(config).__name__}): give a model.pt or "
                         "last.ckpt written by this project's train.py")
     target = config.get("_target_")
-    family = FAMILIES.get(target) if isinstance(target, str) else None
+    family = family_for(target)
     if family is None:
-        known = ", ".join(sorted({cls.__name__ for cls in FAMILIES.values()}))
+        known = ", ".join(sorted(FAMILIES))
         raise UserError(f"{source} names the model {str(target)[:80]!r}, which is not one of this project's model "
                         f"families ({known}): refusing to build it")
     accepted = {info.alias or name for name, info in family.settings_class.model_fields.items()}
@@ -329,3 +333,33 @@ def load_model(path: str, device: str | torch.device = "cpu") -> Classifier:
     load_weights(net, blob["state_dict"], path)
     classifier = Classifier(net, blob["mean"], blob["std"], blob["classes"], blob.get("tta"), blob.get("about"))
     return classifier.to(device)
+
+
+class ModelFileWriter(Callback):
+    """At the end of fit, `model.pt`: the trained network, self-contained (model_file.py says how to use it).
+
+    Written after the EMA callback has copied the averaged weights in, so it holds what was evaluated.
+    """
+
+    def __init__(self, output_dir: str, filename: str = "model.pt") -> None:
+        self.path = storage.join(output_dir, filename)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+
+        if not trainer.is_global_zero:
+            return
+        run_config = dict(pl_module.hparams.get("run_config") or {})
+        model_config = (run_config.get("config") or {}).get("model")
+        datamodule = trainer.datamodule
+        if model_config is None or datamodule is None:
+            return
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, TrainTimer)), None)
+        about = {"test_acc": timer.history[-1]["test_acc"] if timer and timer.history else None,
+                 "epochs": trainer.current_epoch, "seed": run_config.get("seed"),
+                 "tricks": run_config.get("tricks", []), "data": run_config.get("data_source")}
+        data_config = (run_config.get("config") or {}).get("data") or {}
+        data = {key: data_config.get(key) for key in DATA_FROM_RUN if key in data_config}
+        if getattr(datamodule, "source_id", None):
+            data["source_id"] = datamodule.source_id
+        save_model_file(self.path, pl_module.net, model_config, datamodule.mean, datamodule.std, CIFAR10_CLASSES,
+                        getattr(pl_module, "tta", None), about, data, str(trainer.precision))

@@ -7,14 +7,13 @@ any GPU time is spent.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_speedrun.conf_files import CONF_DIR
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.run_lock import RunFolders
+from cifar_speedrun.operations.run_lock import RunFolders
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
 CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
                     "experiment", "stage", "sweep", "debug", "proxy", "hparams_search")
@@ -231,6 +230,6 @@ def validate(cfg: DictConfig) -> None:
     The typed sections and their cross-key rules are in settings.py (pydantic); this is the entry point
     train.py and the tests call.
     """
-    from cifar_speedrun.settings import check_train
+    from cifar_speedrun.config.settings import check_train
 
     check_train(cfg)

@@ -1,8 +1,8 @@
 """Multirun directories (or a per-run CSV) -> a table of mean ± 95% CI over seeds, a plot, Welch's t-test.
 
-    python -m cifar_speedrun.report logs/train/multiruns/<time> [more dirs] [--compare A B] [--wandb]
-    python -m cifar_speedrun.report <dirs> --export-runs results/runs.csv   # one row per run, to commit
-    python -m cifar_speedrun.report results/runs.csv                        # the table again, from that CSV
+    python -m cifar_speedrun.records.report logs/train/multiruns/<time> [more dirs] [--compare A B] [--wandb]
+    python -m cifar_speedrun.records.report <dirs> --export-runs results/runs.csv   # one row per run, to commit
+    python -m cifar_speedrun.records.report results/runs.csv                        # the table again, from that CSV
 
 Page's warning (part 8): one run's test accuracy has sd ≈ 0.15%, larger than most single tricks'
 effect, so a comparison means nothing without the spread over seeds. Runs are grouped by their
@@ -25,7 +25,7 @@ from typing import Any
 
 from scipy import stats
 
-from cifar_speedrun.hydra_job import config_key
+from cifar_speedrun.config.hydra_job import config_key
 
 
 @dataclass

@@ -17,15 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_speedrun import storage
 from cifar_speedrun.errors import UserError
+from cifar_speedrun.operations import storage
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES, IMAGE_EXTENSIONS
 
-# CIFAR-10's official label order (torchvision.datasets.CIFAR10.classes); alphabetical, so an
-# ImageFolder of these class names gets the official indices.
-
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)# Decoding 60,000 JPEGs takes ~30 s: say how far it is, a line every this many images.
+# Decoding 60,000 JPEGs takes ~30 s: say how far it is, a line every this many images.
 PROGRESS_EVERY = 10_000
 # Bump when the cache file layout changes, so old caches are rebuilt instead of misread.
 CACHE_FORMAT = 1
@@ -96,8 +92,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# What torchvision's ImageFolder accepts as images; anything else in a class folder is skipped.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Files that file managers leave in folders (macOS, Windows): never images, skipped silently but counted.
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
@@ -178,7 +172,7 @@ def source_identity(source: str, path: str | None) -> str:
     if source == "image_folder":
         location = _existing_image_folder(path)
         if location.is_file():
-            from cifar_speedrun.archive import check_archive_size
+            from cifar_speedrun.operations.archive import check_archive_size
 
             check_archive_size(location)
         fingerprint = _sha256_file(location) if location.is_file() else _directory_fingerprint(location)
@@ -284,7 +278,7 @@ def _load_image_folder(path: str, scratch_dir: Path) -> dict[str, np.ndarray]:
         if location.is_dir():
             top = location
         else:
-            from cifar_speedrun.archive import safe_extract
+            from cifar_speedrun.operations.archive import safe_extract
 
             try:
                 scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +303,7 @@ def _load_image_folder(path: str, scratch_dir: Path) -> dict[str, np.ndarray]:
                 str(cleanup), location.name)) from None
     finally:
         if cleanup is not None:
-            from cifar_speedrun.interrupts import deferred
+            from cifar_speedrun.operations.interrupts import deferred
 
             with deferred():  # a second signal must not stop the removal halfway
                 shutil.rmtree(cleanup, ignore_errors=True)

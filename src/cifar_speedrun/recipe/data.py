@@ -18,7 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from cifar_speedrun.augment import (
+from cifar_speedrun.errors import UserError
+from cifar_speedrun.operations.sources import Cifar10Uint8, load_cifar10_uint8, select_subset, validation_split
+from cifar_speedrun.recipe.augment import (
     PAGE_MEAN,
     PAGE_STD,
     AugmentConfig,
@@ -28,11 +30,6 @@ from cifar_speedrun.augment import (
     pad_reflect,
     standardize,
 )
-from cifar_speedrun.errors import UserError
-from cifar_speedrun.sources import Cifar10Uint8, load_cifar10_uint8, select_subset, validation_split
-
-# CIFAR-10's official label order (torchvision.datasets.CIFAR10.classes); alphabetical, so an
-# ImageFolder of these class names gets the official indices.
 
 # LightningDataModule
 # ----------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def summary_lines(sweep_dir: Path, outcomes: list[tuple[str, str, str | None]]) 
     lines = [f"[multirun] {len(outcomes) - len(failed)} of {len(outcomes)} jobs ok"
              + (f", {len(failed)} of {len(outcomes)} jobs failed:" if failed else "")]
     lines += [f"  job {job}: {status}{f' ({error})' if error else ''}" for job, status, error in failed]
-    lines.append(f"[multirun] table of mean ± CI over seeds: python -m cifar_speedrun.report {sweep_dir}")
+    lines.append(f"[multirun] table of mean ± CI over seeds: python -m cifar_speedrun.records.report {sweep_dir}")
     return lines
 
 

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import ModelFamily
+from cifar_speedrun.recipe.models import ModelFamily
 from cifar_speedrun.typed_sections import Section
 
 
@@ -45,7 +45,7 @@ class _NesterovMomentum(Section):
 
 
 class PageSGDSettings(_NesterovMomentum):
-    builder: Literal["cifar_speedrun.optim.page_sgd"]
+    builder: Literal["page_sgd"]
     lr: float = Field(ge=0, description="Page's peak: 0.4 (baseline), 1.0 (final)")
     weight_decay: float = Field(ge=0, description="Page: 5e-4")
     momentum: float = Field(ge=0, lt=1, description="Page uses 0.9")
@@ -60,7 +60,7 @@ class PageSGDSettings(_NesterovMomentum):
 
 
 class AirbenchSGDSettings(_NesterovMomentum):
-    builder: Literal["cifar_speedrun.optim.airbench_sgd"]
+    builder: Literal["airbench_sgd"]
     lr_per_1024: float = Field(ge=0, description="airbench94: 11.5")
     weight_decay_per_1024: float = Field(ge=0, description="airbench94: 0.0153")
     bias_scaler: float = Field(ge=0, description="airbench94: 64")
@@ -71,7 +71,7 @@ class AirbenchSGDSettings(_NesterovMomentum):
 
 
 class MuonSettings(_NesterovMomentum):
-    builder: Literal["cifar_speedrun.optim.muon_sgd"]
+    builder: Literal["muon_sgd"]
     lr: float = Field(ge=0, description="airbench94_muon: 0.24")
     muon_momentum: float = Field(ge=0, lt=1)
     ns_steps: int = Field(ge=1, le=20)
@@ -95,9 +95,9 @@ class Built:
 
 
 def roles(net: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The net's parameters by role (models/base.py, ModelFamily.parameter_groups): the one place that
+    """The net's parameters by role (models/base.py, ModelFamily.parameter_roles): the one place that
     says which parameter is a filter, a norm bias, the whitening bias or the head."""
-    return ModelFamily.parameter_groups(net)  # type: ignore[arg-type]  (works on any nn.Module)
+    return ModelFamily.parameter_roles(net)  # type: ignore[arg-type]  (works on any nn.Module)
 
 
 def _sgd(groups: list[dict[str, Any]], momentum: float, nesterov: bool, device_type: str,
@@ -374,7 +374,7 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
 # A builder takes `tensor_lr=True` when step.py's graph-ready step will set its lrs as device tensors.
 Builder = Callable[..., Built]
 OPTIMIZERS: dict[str, tuple[Builder, type[Section]]] = {
-    "cifar_speedrun.optim.page_sgd": (page_sgd, PageSGDSettings),
-    "cifar_speedrun.optim.airbench_sgd": (airbench_sgd, AirbenchSGDSettings),
-    "cifar_speedrun.optim.muon_sgd": (muon_sgd, MuonSettings),
+    "page_sgd": (page_sgd, PageSGDSettings),
+    "airbench_sgd": (airbench_sgd, AirbenchSGDSettings),
+    "muon_sgd": (muon_sgd, MuonSettings),
 }

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.storage import HOST, os_error_reason
+from cifar_speedrun.operations.storage import HOST, os_error_reason
 
 LOCK_NAME = ".run.lock"
 # Folders locked by the process that started this one (its DDP workers, its submitit jobs).

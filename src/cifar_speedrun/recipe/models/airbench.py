@@ -22,8 +22,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cifar_speedrun.models.base import ModelFamily, ModelSettings
-from cifar_speedrun.models.layers import Scale, dirac_init_
+from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
+from cifar_speedrun.recipe.models.layers import Scale, dirac_init_
 
 
 class AirbenchSettings(ModelSettings):
@@ -39,7 +39,6 @@ class AirbenchNet(ModelFamily, nn.Sequential):
 
     name = "airbench94"
     settings_class = AirbenchSettings
-    legacy_targets = ("cifar_speedrun.model.AirbenchNet",)
 
     def __init__(self, **settings: Any) -> None:
         s: AirbenchSettings = self.read_settings(settings)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_speedrun.models.base import ModelFamily, ModelSettings
-from cifar_speedrun.models.layers import ConvBlock, Scale, dirac_init_
+from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
+from cifar_speedrun.recipe.models.layers import ConvBlock, Scale, dirac_init_
 
 # He et al. 2016, section 4.1 / kuangliu's ResNet18: widths of the four stages, two blocks each.
 STAGE_CHANNELS = (64, 128, 256, 512)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cifar_speedrun import hydra_job
+from cifar_speedrun.config import hydra_job
 from cifar_speedrun.errors import UserError
 
 # Keys (prefixes) that may differ on resume: how long to train, and the plumbing (hydra_job.PLUMBING:

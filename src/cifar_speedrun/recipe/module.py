@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from functools import partial
 from typing import Any
 
@@ -25,12 +26,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import ModelFamily
-from cifar_speedrun.optim import OPTIMIZERS
-from cifar_speedrun.schedule import PiecewiseLinear, check_schedule, group_schedules, resolve_knots
-from cifar_speedrun.step import LearningRates, TrainStep, autocast_dtype
-from cifar_speedrun.train_metrics import EpochMetrics
-from cifar_speedrun.tta import tta_logits
+from cifar_speedrun.recipe.models import ModelFamily
+from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.schedule import PiecewiseLinear, check_schedule, group_schedules, resolve_knots
+from cifar_speedrun.recipe.step import LearningRates, TrainStep, autocast_dtype
+from cifar_speedrun.recipe.train_metrics import EpochMetrics
+from cifar_speedrun.recipe.tta import tta_logits
 
 
 def _hook(net: nn.Module, name: str) -> Any:
@@ -217,7 +218,9 @@ class SpeedrunModule(L.LightningModule):
             # A checkpoint without the LambdaLR's state (written by step.mode=graph, whose schedule lives on
             # the device): the schedule continues at the step the run has reached, not at step 0.
             scheduler.last_epoch = self.global_step - 1
-            scheduler.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -328,12 +331,6 @@ class SpeedrunModule(L.LightningModule):
     test_step = validation_step
 
     # ---------------------------------------------------------------- optimizer
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups for this config (e.g. weights and BN biases apart, Page part 8)."""
-        groups = self.builder(self.net, self.optim_cfg, self.batch_size, "cpu").optimizer.param_groups
-        keep = ("params", "lr", "weight_decay", "name")
-        return [{key: group[key] for key in keep if key in group} for group in groups]
-
     def configure_optimizers(self) -> dict[str, Any]:
         device_type = self.device.type if isinstance(self.device, torch.device) else "cpu"
         graph = self.uses_graph_step()

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from cifar_speedrun.models.base import ModelFamily, ModelSettings
-from cifar_speedrun.models.layers import ConvBlock, Residual, Scale, dirac_init_
+from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
+from cifar_speedrun.recipe.models.layers import ConvBlock, Residual, Scale, dirac_init_
 
 # Page part 4, final DavidNet: channel widths of prep, layer1, layer2, layer3.
 BASE_CHANNELS = (64, 128, 256, 512)
@@ -36,7 +36,6 @@ class DavidNet(ModelFamily, nn.Sequential):
 
     name = "davidnet"
     settings_class = DavidNetSettings
-    legacy_targets = ("cifar_speedrun.model.DavidNet",)
 
     def __init__(self, **settings: Any) -> None:
         s: DavidNetSettings = self.read_settings(settings)

@@ -7,6 +7,7 @@ what is trained. Run names and the report's configurations leave them out; resum
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 # Keys (and their sub-keys) that say where things are or how a run is logged, not what is trained.
@@ -56,3 +57,33 @@ def config_key(overrides: list[str] | str) -> str:
     """Every override except the seed: the seeds of one configuration share it (report.py groups by it)."""
     parts = overrides.split() if isinstance(overrides, str) else list(overrides)
     return " ".join(o for o in parts if not o.lstrip("+").startswith("seed=")) or "(defaults)"
+
+
+# Group choices shown by their value alone, in this order, at the front of a run name.
+_NAMED_GROUPS = ("stage", "trick", "experiment", "debug")
+NAME_LENGTH = 64
+
+
+def run_name(overrides: list[str], seed: Any) -> str:
+    """Short and readable: 's3_celu_ghost_bn · seed 1 · cpu_proxy', '+label_smoothing,celu · seed 0'."""
+    named: list[tuple[int, str]] = []
+    rest: list[str] = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "seed" or is_plumbing(key):
+            continue
+        if key in _NAMED_GROUPS:
+            if key == "trick":
+                listed = value.strip("[]")
+                value = f"+{listed}" if listed else "no tricks"
+            named.append((_NAMED_GROUPS.index(key), value))
+        else:
+            rest.append(override.lstrip("+"))
+    parts = [value for _, value in sorted(named)] + [f"seed {seed}"] + rest
+    name = " · ".join(parts)
+    return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
+
+
+def is_terminal() -> bool:
+    """A progress bar for people at a terminal; none in a log file (it would write a line per update)."""
+    return sys.stdout.isatty()

@@ -14,7 +14,7 @@ The hooks the training loop calls, the same for every family:
 
 - `fit_to_data(images)`: once before training, with the standardized training images (patch whitening);
 - `set_epoch(epoch)`: at the start of every training epoch (airbench's whitening bias trains 3 epochs);
-- `parameter_groups()`: the parameters by role (filters, norm biases, whitening bias, head, other),
+- `parameter_roles()`: the parameters by role (filters, norm biases, whitening bias, head, other),
   which the optimizers (optim.py) give their learning rates.
 
 Shared keys mean the same in every family (`width`, `activation`, `celu_alpha`, `logit_scale`,
@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cifar_speedrun.models.layers import BatchNorm, GhostBatchNorm, PatchWhitening, activation
+from cifar_speedrun.recipe.models.layers import BatchNorm, GhostBatchNorm, PatchWhitening, activation
 from cifar_speedrun.typed_sections import MAX_SEED, Section, check, plain
 
 
@@ -85,7 +85,21 @@ class ModelSettings(Section):
         return lambda: activation(self.activation, self.celu_alpha)
 
 
+# Class name -> family: filled by defining the classes (ModelFamily.__init_subclass__).
 FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def family_for(target: Any) -> type[ModelFamily] | None:
+    """The family a config or a model file names by its `_target_`, or None.
+
+    A target names one of this package's families by its class (`...DavidNet`), wherever in this
+    package the file's layout put it (model files written before the recipe/ subpackage say
+    `cifar_speedrun.models.davidnet.DavidNet`, earlier ones `cifar_speedrun.model.DavidNet`): the
+    allow-list is the families' class names, and nothing the target names is ever imported.
+    """
+    if not isinstance(target, str) or not target.startswith("cifar_speedrun."):
+        return None
+    return FAMILIES.get(target.rsplit(".", 1)[-1])
 
 
 class ModelFamily(nn.Module):
@@ -93,14 +107,11 @@ class ModelFamily(nn.Module):
 
     name: ClassVar[str]
     settings_class: ClassVar[type[ModelSettings]]
-    # `_target_`s that files written by earlier versions record for this class (model.pt, checkpoints).
-    legacy_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
-            for target in (target_of(cls), *cls.legacy_targets):
-                FAMILIES[target] = cls
+            FAMILIES[cls.__name__] = cls
 
     @classmethod
     def read_settings(cls, settings: dict[str, Any]) -> Any:
@@ -117,7 +128,7 @@ class ModelFamily(nn.Module):
             if isinstance(layer, PatchWhitening):
                 layer.set_epoch(epoch)
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
         """Every parameter, by role: `filters` (conv weights), `norm_biases`, `norm_scales`, `whiten_bias`,
         `head` (the last linear layer), `other`. Frozen parameters are included: one may start training later."""
         groups: dict[str, list[nn.Parameter]] = {role: [] for role in

@@ -1,28 +1,29 @@
 """The model families: one file each, one interface (base.py), found by name in one table.
 
-`FAMILIES` maps the `_target_` a config or a model file names to the class. It is filled by defining
-the classes, and every module of this package is imported here, so a new family is a new file in
-this folder plus its conf/model/<name>.yaml: nothing else lists the families.
+`FAMILIES` holds the classes by class name, and `family_for` finds the one a config's or a model file's
+`_target_` names. It is filled by defining the classes, and every module of this package is imported
+here, so a new family is a new file in this folder plus its conf/model/<name>.yaml: nothing else lists
+the families.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from cifar_speedrun.conf_files import CONF_DIR
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models.base import FAMILIES, ModelFamily, ModelSettings, target_of
-from cifar_speedrun.models.layers import count_parameters
+from cifar_speedrun.recipe.models.base import FAMILIES, ModelFamily, ModelSettings, family_for, target_of
+from cifar_speedrun.recipe.models.layers import count_parameters
 from cifar_speedrun.typed_sections import check
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-CONF_MODEL_DIR = Path(__file__).resolve().parents[3] / "conf" / "model"
+CONF_MODEL_DIR = CONF_DIR / "model"
 
 
 def by_name(name: str) -> type[ModelFamily]:
@@ -59,17 +60,17 @@ def build(name: str, **overrides: Any) -> nn.Module:
 
 def build_norm(channels: int, family: str = "davidnet", **overrides: Any) -> nn.Module:
     """One norm layer with `family`'s yaml norm settings and `overrides` (e.g. kind="ghost", ghost_splits=4)."""
-    from cifar_speedrun.models.base import NormSettings
+    from cifar_speedrun.recipe.models.base import NormSettings
 
     return check(NormSettings, {**default_settings(family)["norm"], **overrides}, "model.norm").factory()(channels)
 
 
 def build_whitening(family: str = "davidnet", **overrides: Any) -> nn.Module:
     """A PatchWhitening layer with `family`'s yaml whitening settings and `overrides`."""
-    from cifar_speedrun.models.base import WhiteningSettings
+    from cifar_speedrun.recipe.models.base import WhiteningSettings
 
     return check(WhiteningSettings, {**default_settings(family)["whitening"], **overrides}, "model.whitening").layer()
 
 
 __all__ = ["FAMILIES", "ModelFamily", "ModelSettings", "build", "build_norm", "build_whitening", "by_name",
-           "count_parameters", "default_settings", "target_of"]
+           "count_parameters", "default_settings", "family_for", "target_of"]

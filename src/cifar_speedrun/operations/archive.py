@@ -80,13 +80,13 @@ def unsafe_zip_member(info: zipfile.ZipInfo, target: Path) -> str | None:
 
 
 def _image_extensions() -> tuple[str, ...]:
-    from cifar_speedrun.sources import IMAGE_EXTENSIONS
+    from cifar_speedrun.operations.layout import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
 
 
 def _classes() -> tuple[str, ...]:
-    from cifar_speedrun.sources import CIFAR10_CLASSES
+    from cifar_speedrun.operations.layout import CIFAR10_CLASSES
 
     return CIFAR10_CLASSES
 

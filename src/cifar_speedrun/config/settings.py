@@ -20,9 +20,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from cifar_speedrun.conf_files import keys_set_by_trick
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.models import FAMILIES, ModelSettings, target_of
-from cifar_speedrun.optim import OPTIMIZERS
+from cifar_speedrun.recipe.models import FAMILIES, ModelSettings, family_for, target_of
+from cifar_speedrun.recipe.optim import OPTIMIZERS
 from cifar_speedrun.typed_sections import MAX_SEED, Section, check, plain, unknown_key
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
@@ -30,7 +31,7 @@ Precision = Literal["32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-
 
 
 class DataSettings(Section):
-    target: Literal["cifar_speedrun.data.Cifar10DataModule"] = Field(alias="_target_")
+    target: Literal["cifar_speedrun.recipe.data.Cifar10DataModule"] = Field(alias="_target_")
     source: Literal["torchvision", "image_folder"] = Field(
         description="torchvision downloads the official release; image_folder reads data.path")
     root: str | None
@@ -233,9 +234,11 @@ def _chosen_settings(value: Any, section: str, tag: str, table: dict[str, type[S
 
 
 def _family_settings(value: Any) -> Section:
-    return _chosen_settings(value, "model", "_target_",
-                            {target: family.settings_class for target, family in FAMILIES.items()
-                             if target == target_of(family)}, "davidnet")
+    chosen = family_for(value.get("_target_")) if isinstance(value, dict) else None
+    table = {target_of(family): family.settings_class for family in FAMILIES.values()}
+    if chosen is not None:
+        table[value["_target_"]] = chosen.settings_class
+    return _chosen_settings(value, "model", "_target_", table, "davidnet")
 
 
 def _optim_settings(value: Any) -> Section:
@@ -308,7 +311,7 @@ def check_step(run: TrainSettings) -> None:
 
 def check_run_length(run: TrainSettings) -> None:
     """The run's length and its schedule agree: max_epochs is ceil(epochs); the knots lie inside the run."""
-    from cifar_speedrun.schedule import check_schedule, resolve_knots
+    from cifar_speedrun.recipe.schedule import check_schedule, resolve_knots
 
     epochs, max_epochs = run.epochs, run.trainer.max_epochs
     if max_epochs != math.ceil(epochs):
@@ -406,31 +409,13 @@ def check_train(cfg: Any) -> TrainSettings:
         return check(TrainSettings, data)
     except UserError as error:
         key = str(error).removeprefix("unknown key ").split(" ", 1)[0].rstrip(":")
-        tricks = [name for name in (data.get("applied_tricks") or {}) if key in _keys_set_by_trick(name)]
+        tricks = [name for name in (data.get("applied_tricks") or {}) if key in keys_set_by_trick(name)]
         if not str(error).startswith("unknown key ") or not tricks:
             raise
         raise UserError(f"trick={tricks[0]} sets {key}, which this configuration does not have (model "
                         f"{data['model'].get('_target_', '?').rsplit('.', 1)[-1]}, optim.builder "
                         f"{data['optim'].get('builder', '?').rsplit('.', 1)[-1]}): the trick does not apply here; "
                         "drop it") from None
-
-
-def _keys_set_by_trick(name: str) -> set[str]:
-    """The dotted keys conf/trick/<name>.yaml sets."""
-    from omegaconf import OmegaConf
-
-    from cifar_speedrun.config import CONF_DIR
-
-    path = CONF_DIR / "trick" / f"{name}.yaml"
-    if not path.is_file():
-        return set()
-
-    def flat(node: Any, prefix: str) -> set[str]:
-        if isinstance(node, dict):
-            return set().union(*(flat(value, f"{prefix}{key}.") for key, value in node.items())) if node else set()
-        return {prefix[:-1]}
-
-    return flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False), "")
 
 
 def check_eval(cfg: Any) -> EvalSettings:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 def wandb_group(task_name: str) -> str | None:
     """Runs of one multirun share a W&B group: '<task>-<sweep option>-<sweep dir name (its time)>'."""
-    from cifar_speedrun import hydra_job
+    from cifar_speedrun.config import hydra_job
 
     if not hydra_job.is_multirun():
         return None
@@ -24,8 +24,7 @@ def wandb_group(task_name: str) -> str | None:
 
 def run_name_resolver(*, _root_: DictConfig) -> str:
     """W&B run name: what differs between jobs first (tracking.run_name); works in single runs too."""
-    from cifar_speedrun.hydra_job import job_overrides
-    from cifar_speedrun.tracking import run_name
+    from cifar_speedrun.config.hydra_job import job_overrides, run_name
 
     return run_name(job_overrides(), _root_.get("seed"))
 
@@ -39,8 +38,8 @@ def run_tags_resolver(*, _root_: DictConfig) -> list[str]:
 
 def register_resolvers() -> None:
     """The `${name:...}` functions conf/ uses; registered once per process, before composing."""
+    from cifar_speedrun.config.hydra_job import is_terminal
     from cifar_speedrun.devices import auto_mixed_precision
-    from cifar_speedrun.tracking import is_terminal
 
     resolvers = {"wandb_group": wandb_group, "run_name": run_name_resolver, "run_tags": run_tags_resolver,
                  "auto_mixed_precision": auto_mixed_precision, "is_terminal": is_terminal,

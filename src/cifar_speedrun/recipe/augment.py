@@ -14,9 +14,6 @@ import torch.nn.functional as F
 
 from cifar_speedrun.errors import UserError
 
-# CIFAR-10's official label order (torchvision.datasets.CIFAR10.classes); alphabetical, so an
-# ImageFolder of these class names gets the official indices.
-
 # Per-channel mean / std of the official CIFAR-10 train set on the 0-255 scale, as in Page's
 # cifar10-fast (utils.py: cifar10_mean = (0.4914, 0.4822, 0.4465), cifar10_std = (0.2471, 0.2435, 0.2616),
 # times 255).
@@ -84,11 +81,6 @@ def cutout_(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: i
     planes = torch.arange(batch * channels, device=images.device).view(batch, channels, 1) * (height * width)
     images.view(-1).index_fill_(0, (planes + pixels.view(batch, 1, size * size)).view(-1), 0.0)
     return images
-
-
-def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
-    """Like `cutout_`, on a copy."""
-    return cutout_(images.clone(), top, left, size)
 
 
 @dataclass

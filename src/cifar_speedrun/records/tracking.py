@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -23,39 +22,19 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_speedrun import hydra_job
+from cifar_speedrun.config import hydra_job
+from cifar_speedrun.config.hydra_job import (
+    config_key,
+    is_plumbing,
+    job_overrides,
+)
 from cifar_speedrun.devices import device_name
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.hydra_job import config_key, is_plumbing, job_overrides
-
-# Group choices shown by their value alone, in this order, at the front of a run name.
-_NAMED_GROUPS = ("stage", "trick", "experiment", "debug")
-NAME_LENGTH = 64
-
-
-def run_name(overrides: list[str], seed: Any) -> str:
-    """Short and readable: 's3_celu_ghost_bn · seed 1 · cpu_proxy', '+label_smoothing,celu · seed 0'."""
-    named: list[tuple[int, str]] = []
-    rest: list[str] = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key == "seed" or is_plumbing(key):
-            continue
-        if key in _NAMED_GROUPS:
-            if key == "trick":
-                listed = value.strip("[]")
-                value = f"+{listed}" if listed else "no tricks"
-            named.append((_NAMED_GROUPS.index(key), value))
-        else:
-            rest.append(override.lstrip("+"))
-    parts = [value for _, value in sorted(named)] + [f"seed {seed}"] + rest
-    name = " · ".join(parts)
-    return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
 
 
 def run_keys(cfg: DictConfig, parameters: int | None = None) -> dict[str, Any]:
     """The flat keys W&B's grouping, filters and parallel-coordinates panels need."""
-    from cifar_speedrun.config import available_options
+    from cifar_speedrun.config.command_line import available_options
 
     choices = hydra_job.choices()
     tricks = list(cfg.get("applied_tricks") or {})
@@ -285,6 +264,31 @@ def quiet_console() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def is_terminal() -> bool:
-    """A progress bar for people at a terminal; none in a log file (it would write a line per update)."""
-    return sys.stdout.isatty()
+
+
+class LearningRateLogger(Callback):
+    """The learning rate of every parameter group (lr/weights, lr/biases), every `every_n_steps` steps.
+
+    Read from the optimizer's param_groups, which hold Python floats: unlike Lightning's
+    LearningRateMonitor, which turns each value into a tensor on the device, it never waits on it.
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step  # optimizer steps taken, this one included
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if step != 1 and step % max(1, every):
+            return
+        values = {}
+        rates = getattr(pl_module, "learning_rates", None)
+        if callable(rates) and rates(step):  # the module's host-side schedule: its lrs may be device tensors
+            values = {f"lr/{name}": float(lr) for name, lr in rates(step).items()}
+        else:
+            for optimizer in trainer.optimizers:
+                for index, group in enumerate(optimizer.param_groups):
+                    values[f"lr/{group.get('name') or f'group{index}'}"] = float(group["lr"])
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)

@@ -1,0 +1,1 @@
+"""Configuration: the typed sections of the composed config, the command line, resolvers, the Hydra job."""
