@@ -128,7 +128,7 @@ def test_every_trick_that_applies_to_resnet18_changes_it_and_trains(trick: str, 
     assert math.isfinite(_one_step(module))
 
 
-@pytest.mark.parametrize("optim", ["sgd", "muon"])
+@pytest.mark.parametrize("optim", ["sgd", "muon", "lion"])
 def test_resnet18_trains_with_each_optimizer(optim: str, compose_cfg) -> None:
     cfg = compose_cfg(*TINY, f"optim={optim}", "model.whitening.enabled=true", "model.whitening.bias=true")
     validate(cfg)

@@ -369,6 +369,69 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
     return Built(optimizer, effective, group_knots)
 
 
+# ------------------------------------------------------------------------------------------------
+# Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an interpolated
+# momentum, decoupled weight decay
+# ------------------------------------------------------------------------------------------------
+
+
+class LionSettings(Section):
+    builder: Literal["lion"]
+    lr: float = Field(ge=0, description="Lion's paper: 3-10x below AdamW's; here 1e-3 at batch 512")
+    beta1: float = Field(ge=0, lt=1, description="Lion's paper: 0.9")
+    beta2: float = Field(ge=0, lt=1, description="Lion's paper: 0.99")
+    weight_decay: float = Field(ge=0, description="decoupled: the shrink per step is lr x weight_decay")
+    schedule: Schedule
+
+
+class Lion(torch.optim.Optimizer):
+    """update = sign(beta1 m + (1 - beta1) g); w <- w - lr (update + weight_decay w); m <- beta2 m + (1 - beta2) g.
+
+    Every update element has size lr whatever the gradient's scale, so the lr is not in Page's
+    per-example units and the mean-loss conversion does not apply (sign(g) = sign(N g)). Written with
+    tensor ops only: the lr may be a 0-d device tensor (step.py), and nothing is read back to the host.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], weight_decay: float) -> None:
+        super().__init__(groups, {"lr": 0.0, "betas": betas, "weight_decay": weight_decay})
+        for group in self.param_groups:  # created now: a captured step (step.py) must not create state
+            for param in group["params"]:
+                self.state[param]["momentum_buffer"] = torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), decay = group["lr"], group["betas"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                momentum = self.state[param]["momentum_buffer"]
+                update = momentum.lerp(param.grad, 1 - beta1).sign_()
+                if decay:
+                    update.add_(param, alpha=decay)
+                if isinstance(lr, torch.Tensor):
+                    param.addcmul_(update, lr, value=-1)
+                else:
+                    param.add_(update, alpha=-lr)
+                momentum.lerp_(param.grad, 1 - beta2)
+        return loss
+
+
+def lion(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
+    """Lion on every trained parameter, one group (its sign update needs no per-role lr scaling)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    lr, decay = float(optim["lr"]), float(optim["weight_decay"])
+    optimizer = Lion([{"params": params, "lr": lr, "name": "weights"}],
+                     betas=(float(optim["beta1"]), float(optim["beta2"])), weight_decay=decay)
+    effective = {"lr": lr, "beta1": float(optim["beta1"]), "beta2": float(optim["beta2"]), "weight_decay": decay,
+                 "batch_size": batch_size, "lr_times_weight_decay": lr * decay}
+    return Built(optimizer, effective)
+
+
 # optim.builder -> (the function that builds the optimizer, its typed settings). A new optimizer is a
 # function above, its settings class, a line here and conf/optim/<name>.yaml (docs/contributing.md).
 # A builder takes `tensor_lr=True` when step.py's graph-ready step will set its lrs as device tensors.
@@ -377,4 +440,5 @@ OPTIMIZERS: dict[str, tuple[Builder, type[Section]]] = {
     "page_sgd": (page_sgd, PageSGDSettings),
     "airbench_sgd": (airbench_sgd, AirbenchSGDSettings),
     "muon_sgd": (muon_sgd, MuonSettings),
+    "lion": (lion, LionSettings),
 }
