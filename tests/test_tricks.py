@@ -9,10 +9,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_train
+from conftest import REPO, TINY, run_train
 from hydra.utils import instantiate
 from torch import nn
 
+from cifar_speedrun.conf_files import evaluation_tricks, trick_names
 from cifar_speedrun.config.command_line import available_options, check_group_overrides, validate
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.recipe.averaging import EMA
@@ -26,7 +27,7 @@ from cifar_speedrun.recipe.tta import tta_logits
 
 PAGE_TRICKS = ["mixed_precision", "pool_before_norm", "label_smoothing", "celu", "ghost_bn", "frozen_bn_scale",
                "whitening", "ema", "tta"]
-ALL_TRICKS = [*PAGE_TRICKS, "compile", "channels_last", "dirac_init", "alternating_flip", "lookahead"]
+ALL_TRICKS = trick_names()  # conf/trick/*.yaml: a new trick file joins every parametrized test below
 
 
 def build(cfg) -> SpeedrunModule:
@@ -34,8 +35,27 @@ def build(cfg) -> SpeedrunModule:
     return SpeedrunModule.from_config(cfg, net)
 
 
-def test_every_trick_has_a_config_file() -> None:
-    assert set(ALL_TRICKS) == set(available_options("trick"))
+def test_every_trick_file_is_an_option_and_documented() -> None:
+    assert set(ALL_TRICKS) == set(available_options("trick")) and set(PAGE_TRICKS) < set(ALL_TRICKS)
+    readme, tricks_doc = (REPO / "README.md").read_text(), (REPO / "docs" / "tricks.md").read_text()
+    missing = [name for name in ALL_TRICKS if f"`{name}`" not in readme or f"`{name}`" not in tricks_doc]
+    assert not missing, f"tricks without a row in README.md's table or docs/tricks.md: {missing}"
+
+
+def test_tta_on_the_least_confident_images_only_changes_those() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        plain, full = net(x), tta_logits(net, x, flip=True)
+        every = tta_logits(net, x, flip=True, least_confident=1.0)
+        quarter = tta_logits(net, x, flip=True, least_confident=0.25)
+    assert torch.allclose(every, full, atol=1e-6), "a fraction of 1 is flip TTA on every image"
+    unsure = F.softmax(plain, dim=1).amax(dim=1).topk(2, largest=False).indices  # 25% of 8
+    changed = (~torch.isclose(quarter, plain, atol=1e-7)).any(dim=1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(unsure.tolist())
+    assert torch.allclose(quarter[unsure], full[unsure], atol=1e-6)
+    assert "tta_least_confident" in evaluation_tricks(), "eval.py takes it: it sets tta.* keys only"
 
 
 # ---------------------------------------------------------------- label smoothing

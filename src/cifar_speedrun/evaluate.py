@@ -185,7 +185,7 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     with torch.no_grad(), autocast:
         for images, labels in EvalBatches(test, test_y, int(cfg.data.eval_batch_size), channels_last):
             logits = tta_logits(net, images, bool(tta.get("flip", False)), bool(tta.get("translate", False)),
-                                str(tta.get("reduce", "logits")))
+                                str(tta.get("reduce", "logits")), tta.get("least_confident"))
             correct += int((logits.argmax(dim=1).cpu() == labels).sum())
     source = str(data_cfg["source"])
     result = {
@@ -201,6 +201,8 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     results_path = storage.join(str(cfg.paths.output_dir), "results.json")
     storage.write_json_atomic(result, results_path)
     views = "+".join(name for name in ("flip", "translate") if tta.get(name)) or "none"
+    if views != "none" and tta.get("least_confident") is not None:
+        views += f" on the {100 * tta['least_confident']:g}% least confident"
     print(f"[eval] test acc {100 * result['test_acc']:.2f}% on {len(test_y):,} images (tta: {views}; {precision}; "
           f"data: {result['data_source']}) · results: {results_path}", flush=True)
     return result

@@ -87,6 +87,8 @@ class TTASettings(Section):
     flip: bool
     translate: bool
     reduce: Literal["logits", "log_softmax"]
+    least_confident: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        description="the fraction of each batch that gets the views, e.g. 0.25 (trick=tta_least_confident)")
 
 
 class CompileSettings(Section):
@@ -378,6 +380,7 @@ class EvalTTASettings(Section):
     flip: bool | None
     translate: bool | None
     reduce: Literal["logits", "log_softmax"] | None
+    least_confident: Annotated[float, Field(gt=0, le=1)] | None
 
 
 class EvalSettings(Section):

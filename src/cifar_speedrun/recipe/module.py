@@ -320,7 +320,7 @@ class SpeedrunModule(L.LightningModule):
         validation images (data.val_split), logged as test/* and val/*."""
         images, labels = batch
         logits = tta_logits(self.net, images, bool(self.tta["flip"]), bool(self.tta["translate"]),
-                            str(self.tta["reduce"]))
+                            str(self.tta["reduce"]), self.tta["least_confident"])
         name, accuracy, loss = ("test", self.test_acc, self.test_loss) if dataloader_idx == 0 else (
             "val", self.val_acc, self.val_loss)
         loss.update(F.cross_entropy(logits, labels))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,
-               reduce: str = "logits") -> torch.Tensor:
+               reduce: str = "logits", least_confident: float | None = None) -> torch.Tensor:
     """Average of the network's outputs over cheap symmetries of the test image.
 
     flip: the image and its horizontal mirror, averaged (Page part 8: cifar10-fast's forward_tta
@@ -17,7 +19,19 @@ def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, transla
     airbench94's `infer`: 0.5 x mean(untranslated) + 0.5 x mean(translated), so with flip the two
     untranslated views weigh 1/4 each and the four shifted ones 1/8. `reduce` chooses what is
     averaged: raw logits (both recipes), or log-softmax (log-probabilities).
+
+    least_confident (trick=tta_least_confident): only that fraction of the batch, the images whose
+    plain prediction has the lowest top softmax probability, get the views; the others keep the plain
+    output. A confident prediction rarely changes under a mirror or a shift, so most of TTA's gain
+    costs a fraction of its forward passes. All on the device: the choice is a top-k, not a host read.
     """
+    if least_confident is not None and (flip or translate):
+        plain = tta_logits(net, images, reduce=reduce)
+        count = min(len(images), max(1, math.ceil(least_confident * len(images))))
+        confidence = F.softmax(plain, dim=1).amax(dim=1)
+        chosen = confidence.topk(count, largest=False).indices
+        viewed = tta_logits(net, images.index_select(0, chosen), flip, translate, reduce)
+        return plain.index_copy(0, chosen, viewed.to(plain.dtype))
 
     def outputs(views: list[torch.Tensor]) -> torch.Tensor:
         results = [net(view).float() for view in views]

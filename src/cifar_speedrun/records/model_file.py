@@ -104,7 +104,7 @@ class Classifier(nn.Module):
 
         x = standardize(self._pixels(images), self.mean, self.std)
         return tta_logits(self.net, x, bool(self.tta.get("flip", False)), bool(self.tta.get("translate", False)),
-                          str(self.tta.get("reduce", "logits")))
+                          str(self.tta.get("reduce", "logits")), self.tta.get("least_confident"))
 
     def probabilities(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
         """Class probabilities (N, classes): the softmax of the logits."""
@@ -296,8 +296,12 @@ def check_record(record: dict[str, Any], source: str) -> None:
     if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
         raise _fail_field(source, "classes", classes, "a list of class names")
     tta = record.get("tta") or {}
-    if not isinstance(tta, dict) or not set(tta) <= {"flip", "translate", "reduce"}:
-        raise _fail_field(source, "tta", tta, "settings flip / translate / reduce")
+    if not isinstance(tta, dict) or not set(tta) <= {"flip", "translate", "reduce", "least_confident"}:
+        raise _fail_field(source, "tta", tta, "settings flip / translate / reduce / least_confident")
+    fraction = tta.get("least_confident")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction <= 1):
+        raise _fail_field(source, "tta.least_confident", fraction, "a fraction in (0, 1] or null")
     for name in ("flip", "translate"):
         if tta.get(name) is not None and not isinstance(tta[name], bool):
             raise _fail_field(source, f"tta.{name}", tta[name], "true or false")
