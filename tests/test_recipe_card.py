@@ -13,24 +13,13 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from cifar_speedrun.conf_files import CONF_DIR
+from cifar_speedrun.conf_files import CONF_DIR, flatten
 from cifar_speedrun.config import recipe_card
 
 # The rows of Page's table in order: the bag_of_tricks sweep's own list.
 _SWEEP = yaml.safe_load((CONF_DIR / "sweep" / "bag_of_tricks.yaml").read_text())
 STAGES = [name.strip() for name in str(_SWEEP["hydra"]["sweeper"]["params"]["stage"]).split(",")]
 _MISSING = object()
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf keys; lists are leaves (a yaml list replaces the list before it as a whole), an empty
-    dict (train.yaml's `applied_tricks: {}`) has none."""
-    if isinstance(node, dict):
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flat(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
 
 
 def _changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +40,7 @@ def composed(compose_cfg):
         cfg = compose_cfg(*overrides)
         with open_dict(cfg):
             del cfg["hydra"]
-        return _flat(OmegaConf.to_container(cfg, resolve=False))
+        return flatten(OmegaConf.to_container(cfg, resolve=False))
 
     return _composed
 
@@ -74,12 +63,12 @@ def test_each_stage_states_only_what_its_row_changes(composed, index: int) -> No
     with_tricks = composed(*base, f"trick=[{','.join(tricks)}]")
     after = composed(f"stage={name}")
     # The tricks change only keys their files set, and each is recorded.
-    trick_keys = set().union(*(_flat(_file("trick", trick)) for trick in tricks))
+    trick_keys = set().union(*(flatten(_file("trick", trick)) for trick in tricks))
     added = _changes(before, with_tricks)
     assert set(added) <= trick_keys
     assert {f"applied_tricks.{trick}" for trick in tricks} <= set(added)
     # The row's own keys: exactly what changes after its tricks, to the values the file states.
-    stated, changed = _flat(own), _changes(with_tricks, after)
+    stated, changed = flatten(own), _changes(with_tricks, after)
     if previous:
         assert changed == stated, f"{name} restates or misses a key of its row"
     else:

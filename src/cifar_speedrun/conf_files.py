@@ -17,6 +17,17 @@ def trick_names() -> list[str]:
     return sorted(path.stem for path in (CONF_DIR / "trick").glob("*.yaml"))
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's leaves by dotted key (`optim.schedule.epochs`); lists are leaves (a yaml list replaces
+    the one before it whole), an empty mapping has none."""
+    if isinstance(node, dict):
+        leaves: dict[str, Any] = {}
+        for key, value in node.items():
+            leaves.update(flatten(value, f"{prefix}{key}."))
+        return leaves
+    return {prefix[:-1]: node}
+
+
 def keys_set_by_trick(name: str) -> set[str]:
     """The dotted keys conf/trick/<name>.yaml sets (its bookkeeping `applied_tricks` and `defaults` left out)."""
     from omegaconf import OmegaConf
@@ -24,14 +35,8 @@ def keys_set_by_trick(name: str) -> set[str]:
     path = CONF_DIR / "trick" / f"{name}.yaml"
     if not path.is_file():
         return set()
-
-    def flat(node: Any, prefix: str) -> set[str]:
-        if isinstance(node, dict):
-            return set().union(*(flat(value, f"{prefix}{key}.") for key, value in node.items())) if node else set()
-        return {prefix[:-1]}
-
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    return {key for key in flat(data, "") if not key.startswith(("applied_tricks", "defaults"))}
+    return {key for key in flatten(data) if not key.startswith(("applied_tricks", "defaults"))}
 
 
 def evaluation_tricks() -> list[str]:

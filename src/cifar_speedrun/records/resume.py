@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cifar_speedrun.conf_files import flatten
 from cifar_speedrun.config import hydra_job
 from cifar_speedrun.errors import UserError
 
@@ -88,18 +89,10 @@ def resume_arguments(args: list[str]) -> list[str]:
     return [*flags, *merged, f"hydra.run.dir={run_dirs[-1]}", "hydra.output_subdir=null", "resume=true"]
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: checkpoint -> now' for every trained-relevant key that differs."""
-    before, after = _flat(saved), _flat(current)
+    before, after = flatten(saved), flatten(current)
     differences = []
     for key in sorted(set(before) | set(after)):
         if changeable(key):
