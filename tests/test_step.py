@@ -42,7 +42,7 @@ CONFIGS = {
        for name in ("page_baseline", "page_final", "airbench94", "airbench94_muon", "resnet18")},
     **{f"leave-one-out {i}": overrides for i, overrides in enumerate(_leave_one_out())},
     "davidnet + lookahead + alternating flip": ["+trick=[lookahead,alternating_flip,dirac_init,channels_last]"],
-    "optim=lion": ["experiment=page_final", "optim=lion"],
+    "optim=lion": ["experiment=page_baseline", "optim=lion", "+trick=ema"],
 }
 
 
