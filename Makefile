@@ -1,10 +1,12 @@
 # make train [ARGS="experiment=cpu_proxy ..."]   create .venv if missing, install, train
-# make test                                       install dev extras, run the test suite
+# make test [PYTEST_ARGS=...]                     install dev extras, run the test suite (in parallel)
 # make report DIR=logs/train/multiruns/<time>      table + plot for a multirun
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# make test runs pytest on one xdist worker per core (docs/testing.md); PYTEST_PARALLEL= runs it in one process.
+PYTEST_PARALLEL ?= -n auto --dist loadgroup
 
 .PHONY: install install-dev train test lint report clean
 
@@ -28,7 +30,7 @@ train: install
 
 test: install-dev
 	$(PY) -m ruff check src tests train.py benchmarks
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check src tests train.py benchmarks

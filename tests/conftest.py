@@ -1,11 +1,22 @@
-"""Shared fixtures: the real CIFAR-10 archive, one decoded cache per session, Hydra composition."""
+"""Shared fixtures: the real CIFAR-10 archive, one decoded cache per session, Hydra composition.
+
+`make test` runs the suite on pytest-xdist workers (docs/testing.md): each worker is its own process, so
+what a session shares is shared through files here. The decoded cache is one folder for all workers,
+decoded once under a file lock; each worker and every run it starts gets an even share of the cores
+(torch threads); the tests that read one module-scoped run are kept on one worker, so the run happens once,
+and the tests that need no cache run on one worker while another decodes it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +35,118 @@ DEFAULT_ARCHIVE = REPO.parent / "shared" / "cifar10" / "cifar10-jpeg-q75.tar.gz"
 
 register_resolvers()
 
+# On an xdist worker: its share of the cores, for torch here and, through OMP_NUM_THREADS, for every process it
+# starts (train.py, eval.py, the benchmarks), so two workers on two cores run two threads, not four. The same
+# count on both sides keeps runs that are compared bit for bit (a resumed run and the uninterrupted one, eval.py
+# and the run it evaluates, a test and the run it reads) comparable. An OMP_NUM_THREADS already set is kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
+    import torch
+
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _CORES // _WORKERS))
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
+
+
+# ---------------------------------------------------------------- pytest-xdist: groups and order
+# The controller's scheduler learns each test's group from the workers through this file: xdist's own
+# `--dist loadgroup` renames test ids to carry the group, which pytest 9.2 no longer allows (pytest-xdist
+# issue 1386), so the tests of a group would be spread over the workers without a word.
+_GROUPS_FILE = "CIFAR_SPEEDRUN_TEST_GROUPS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
+        os.environ[_GROUPS_FILE] = str(Path(tempfile.mkdtemp(prefix="pytest-groups-")) / "groups.json")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and os.environ.get(_GROUPS_FILE):
+        shutil.rmtree(Path(os.environ.pop(_GROUPS_FILE)).parent, ignore_errors=True)
+
+
+# Tests that need no decoded cache: one unit of work, so that one worker runs them while another decodes it.
+_WITHOUT_CACHE = "tests that need no decoded cache"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker, groups of tests that run on one worker each, and the order they are handed out in.
+
+    The tests that read one module-scoped fixture (a training run several tests read) form one group, so the
+    fixture runs once; the tests that need no decoded cache form another, run first by one worker while
+    another decodes the cache (the other tests wait for it); then slow tests come first, so that the workers
+    finish together rather than one waiting on a long test picked up last. Every worker collects the same
+    items in the same order; a serial run keeps its order and has no groups."""
+    if not hasattr(config, "workerinput"):
+        return
+    groups = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info is not None else ()
+        if any(defs and defs[-1].scope == "module" for defs in definitions):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        elif "cache_dir" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(_WITHOUT_CACHE))
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        if names:
+            groups[item.nodeid] = "_".join(names)
+    # stable: the tests without the cache, then the slow ones, then the rest, each in collection order
+    items.sort(key=lambda item: (groups.get(item.nodeid) != _WITHOUT_CACHE, item.get_closest_marker("slow") is None))
+    if os.environ.get(_GROUPS_FILE):  # every worker writes the same content; each replaces the file whole
+        target = Path(os.environ[_GROUPS_FILE])
+        scratch = target.with_name(f"{target.name}.{os.getpid()}")
+        scratch.write_text(json.dumps(groups))
+        os.replace(scratch, target)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup` with the groups named above (xdist's own scheduler otherwise)."""
+    if config.getvalue("dist") != "loadgroup" or not os.environ.get(_GROUPS_FILE):
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroupScheduling(LoadGroupScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # first asked once every worker has collected, so the file is written
+                try:
+                    self.groups = json.loads(Path(os.environ[_GROUPS_FILE]).read_text())
+                except (OSError, ValueError):
+                    self.groups = {}
+            return self.groups.get(nodeid) or super()._split_scope(nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """One process at a time, across xdist workers (an advisory lock the kernel drops if its holder dies)."""
+    import fcntl
+
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decode_once(archive: str, folder: str) -> None:
+    """Decode the archive into the uint8 cache in `folder` unless that is done: the first process to ask
+    decodes it while any other waits on the lock, then finds it done."""
+    from cifar_speedrun.operations.sources import load_cifar10_uint8
+
+    path = Path(folder)
+    done = path.parent / f"{path.name}.decoded"
+    with _exclusive(path.parent / f"{path.name}.lock"):
+        if not done.exists():
+            load_cifar10_uint8("image_folder", None, archive, folder)
+            done.touch()
+
 
 @pytest.fixture(scope="session")
 def archive() -> str:
@@ -35,9 +158,19 @@ def archive() -> str:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One decoded uint8 cache for the whole session, so real data is decoded once."""
-    return str(tmp_path_factory.mktemp("cache"))
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, archive: str) -> str:
+    """One decoded uint8 cache for the whole session, so real data is decoded once.
+
+    Under xdist the folder is in the base temp folder all workers of the session share, decoded once for
+    all of them (_decode_once). It is decoded before any test runs train.py with it, so no two runs decode
+    the archive side by side."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the base temp folder of the session, above each worker's own
+        folder = tmp_path_factory.getbasetemp().parent / "cache"
+        folder.mkdir(exist_ok=True)
+    else:
+        folder = tmp_path_factory.mktemp("cache")
+    _decode_once(archive, str(folder))
+    return str(folder)
 
 
 @pytest.fixture(scope="session")
