@@ -336,7 +336,7 @@ def main() -> int:
                                        "step": result.get("step"),
                                        "test_acc": result["test_acc"], "train_seconds": result["train_seconds"],
                                        "eval_seconds": result.get("eval_seconds"),
-                                       "fit_seconds": result.get("fit_seconds"),
+                                       "whitening_fit_seconds": result.get("whitening_fit_seconds"),
                                        "warmup_seconds": result.get("warmup_seconds"),
                                        "time_to_target": result.get("time_to_target"),
                                        "step_ms": result.get("step_ms")})

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cifar_speedrun.recipe.models.layers import PatchWhitening
-from cifar_speedrun.recipe.optim import muon_sgd
+from cifar_speedrun.recipe.optim import read_optimizer
 from cifar_speedrun.recipe.schedule import PiecewiseLinear, group_schedules, resolve_knots
 
 
@@ -51,7 +51,7 @@ def main() -> None:
             whitening = layer
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     batch_size = int(cfg.data.batch_size)
-    built = muon_sgd(net, optim_cfg, batch_size, "cpu")
+    built = read_optimizer(optim_cfg).build(net, batch_size, "cpu")
     batches = datamodule.train_dataloader()
     steps_per_epoch = len(batches)
     epochs = float(cfg.epochs)

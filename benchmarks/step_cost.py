@@ -44,7 +44,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from op_count import OpCounter
 
-from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.optim import read_optimizer
 from cifar_speedrun.recipe.schedule import PiecewiseLinear, group_schedules, resolve_knots
 from cifar_speedrun.train import train
 
@@ -130,7 +130,7 @@ def plain(cfg: DictConfig, initial_state: dict[str, torch.Tensor], recipe: bool,
     smoothing = float(cfg.loss.label_smoothing) if recipe else 0.0
     averaging = None
     if recipe:
-        built = OPTIMIZERS[str(optim_cfg.get("builder"))][0](net, optim_cfg, int(cfg.data.batch_size), "cpu")
+        built = read_optimizer(optim_cfg).build(net, int(cfg.data.batch_size), "cpu")
         optimizer = built.optimizer
         schedule = PiecewiseLinear(resolve_knots(list(optim_cfg["schedule"]["epochs"]), float(cfg.epochs)),
                                    optim_cfg["schedule"]["factors"], steps_per_epoch)

@@ -19,7 +19,7 @@ from cifar_speedrun.recipe.averaging import Lookahead
 from cifar_speedrun.recipe.models import build
 from cifar_speedrun.recipe.models.layers import BatchNorm, GhostBatchNorm, PatchWhitening
 from cifar_speedrun.recipe.module import SpeedrunModule
-from cifar_speedrun.recipe.optim import MuonSGD, airbench_scale, orthogonalize
+from cifar_speedrun.recipe.optim import MuonSGD, airbench_scale, orthogonalize, read_optimizer
 from cifar_speedrun.recipe.schedule import resolve_knots
 from cifar_speedrun.recipe.tta import tta_logits
 
@@ -197,14 +197,14 @@ def test_lookahead_copies_the_average_back_with_its_decay_schedule(tmp_path: Pat
 def test_airbench_decoupled_lr_and_weight_decay_match_its_numbers(compose_cfg) -> None:
     cfg = compose_cfg("experiment=airbench94", "model.width=0.125")
     module = SpeedrunModule.from_config(cfg, batch_size=1024, epochs=cfg.epochs)
-    effective = module.effective
+    effective = module.optim.build(module.net, module.batch_size, "cpu").effective
     # airbench94.py: kilostep_scale = 1024 * (1 + 1 / (1 - 0.85)); lr = 11.5 / kilostep_scale;
     # wd = 0.0153 * 1024 / kilostep_scale; lr_biases = lr * 64
     assert airbench_scale(0.85) == pytest.approx(7850.6667, rel=1e-6)
     assert effective["lr_per_example"] == pytest.approx(1.46484e-3, rel=1e-4)
     assert effective["weight_decay_shrink_per_step"] == pytest.approx(1.99571e-3, rel=1e-4)
     assert effective["bias_lr_per_example"] == pytest.approx(0.09375, rel=1e-6)
-    built = module.builder(module.net, module.optim_cfg, module.batch_size, "cpu")
+    built = module.optim.build(module.net, module.batch_size, "cpu")
     groups = {g["name"]: g for g in built.optimizer.param_groups}
     for name, lr_example in (("weights", 11.5 / 7850.6667), ("biases", 64 * 11.5 / 7850.6667)):
         assert groups[name]["lr"] == pytest.approx(lr_example * 1024, rel=1e-5)
@@ -223,7 +223,7 @@ def test_our_mean_loss_step_equals_airbenchs_summed_loss_step(compose_cfg) -> No
     batch = 32
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     module = SpeedrunModule.from_config(cfg, ours, batch_size=batch, epochs=cfg.epochs)
-    optimizer = module.builder(ours, module.optim_cfg, batch, "cpu").optimizer
+    optimizer = module.optim.build(ours, batch, "cpu").optimizer
     scale = airbench_scale(0.85)
     lr, wd = 11.5 / scale, 0.0153 * batch / scale
     norm_biases = [m.bias for m in theirs.modules() if isinstance(m, BatchNorm)]
@@ -255,7 +255,7 @@ def test_muon_updates_only_the_conv_filters_and_sgd_the_rest(compose_cfg) -> Non
     torch.manual_seed(0)
     net = instantiate(cfg.model)
     module = SpeedrunModule.from_config(cfg, net, batch_size=64, epochs=cfg.epochs)
-    optimizer = module.builder(net, module.optim_cfg, 64, "cpu").optimizer
+    optimizer = module.optim.build(net, 64, "cpu").optimizer
     assert isinstance(optimizer, MuonSGD)
     groups = {g["name"]: g for g in optimizer.param_groups}
     conv_weights = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d)]
@@ -294,7 +294,7 @@ def test_the_muon_head_and_bn_bias_lrs_keep_airbenchs_steps_at_any_width(compose
     net = instantiate(cfg.model)
     assert net.linear.in_features == round(256 * width)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    built = SpeedrunModule.from_config(cfg, net, optim=optim, batch_size=100).builder(net, optim, 100, "cpu")
+    built = read_optimizer(optim).build(net, 100, "cpu")
     head = next(g for g in built.optimizer.param_groups if g["name"] == "head")
     assert head["lr"] == pytest.approx(0.67 * factor * 100)
     assert head["lr"] * head["weight_decay"] == pytest.approx(2e-6 * 100)  # the shrink does not scale

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.optim import read_optimizer
 from cifar_speedrun.recipe.step import LearningRates, TrainStep, autocast_dtype
 from cifar_speedrun.recipe.train_metrics import EpochMetrics
 from cifar_speedrun.train import train
@@ -106,11 +106,11 @@ def test_a_replayed_step_computes_what_the_step_computes_uncaptured(experiment: 
         torch.randint(0, 10, (batch,), device=device)) for _ in range(8)]
     net.fit_to_data(batches[0][0])
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    builder = OPTIMIZERS[str(optim["builder"])][0]
+    settings = read_optimizer(optim)
     runs = []
     for capture in (False, True):
         copy_ = copy.deepcopy(net)
-        built = builder(copy_, optim, batch, "cuda", tensor_lr=True)
+        built = settings.build(copy_, batch, "cuda", tensor_lr=True)
         # A rising lr, different per group and per step: a step that read the wrong row would show.
         rates = LearningRates([lambda k, base=float(g["lr"]): base * (k + 1) / 16
                                for g in built.optimizer.param_groups], 16, device)

@@ -72,7 +72,7 @@ def _one_step(module: SpeedrunModule) -> float:
     torch.manual_seed(0)
     images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     module.net.fit_to_data(images)  # patch whitening, where the trick adds it
-    built = module.builder(module.net, module.optim_cfg, module.batch_size, "cpu")
+    built = module.optim.build(module.net, module.batch_size, "cpu")
     before = [p.detach().clone() for p in module.net.parameters() if p.requires_grad]
     module.net.train()
     loss = module.loss(module.net(images), labels)
@@ -133,7 +133,7 @@ def test_resnet18_trains_with_each_optimizer(optim: str, compose_cfg) -> None:
     cfg = compose_cfg(*TINY, f"optim={optim}", "model.whitening.enabled=true", "model.whitening.bias=true")
     validate(cfg)
     module = _module(cfg)
-    built = module.builder(module.net, module.optim_cfg, module.batch_size, "cpu")
+    built = module.optim.build(module.net, module.batch_size, "cpu")
     if optim == "muon":
         groups = {group["name"]: group for group in built.optimizer.param_groups}
         assert isinstance(built.optimizer, MuonSGD) and groups["filters"]["muon"]

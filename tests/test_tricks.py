@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -110,7 +111,7 @@ def test_frozen_scales_stay_fixed_while_biases_learn(compose_cfg) -> None:
     norms = [m for m in module.net.modules() if isinstance(m, BatchNorm)]
     scales = [n.weight.detach().clone() for n in norms]
     biases = [n.bias.detach().clone() for n in norms]
-    groups = module.builder(module.net, module.optim_cfg, module.batch_size, "cpu").optimizer.param_groups
+    groups = module.optim.build(module.net, module.batch_size, "cpu").optimizer.param_groups
     optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
     weights_group, bias_group = groups
     assert bias_group["lr"] == pytest.approx(64 * weights_group["lr"])
@@ -270,18 +271,19 @@ def test_cutout_toggle(compose_cfg) -> None:
 def test_hold_invariant_rescales_lr_and_weight_decay() -> None:
     optim = {"lr": 0.4, "weight_decay": 5e-4, "momentum": 0.9, "hold_invariant": True,
              "reference_batch_size": 512, "reference_momentum": 0.9}
+    optim = SimpleNamespace(**optim)
     base = effective_hyperparameters(optim, 512)
     assert base["lr"] == pytest.approx(0.4) and base["weight_decay"] == pytest.approx(5e-4)
     half = effective_hyperparameters(optim, 256)
     # λ/N fixed: 0.4/512 = lr/256 -> lr = 0.2; λα fixed: 0.4 * 5e-4 = 0.2 * wd -> wd = 1e-3
     assert half["lr"] == pytest.approx(0.2) and half["weight_decay"] == pytest.approx(1e-3)
     assert half["lr_per_example"] == pytest.approx(base["lr_per_example"])
-    low_momentum = effective_hyperparameters({**optim, "momentum": 0.8}, 512)
+    low_momentum = effective_hyperparameters(SimpleNamespace(**{**vars(optim), "momentum": 0.8}), 512)
     # λ/(1-ρ) fixed: 0.4/0.1 = lr/0.2 -> lr = 0.8; λα fixed -> wd = 2.5e-4
     assert low_momentum["lr"] == pytest.approx(0.8) and low_momentum["weight_decay"] == pytest.approx(2.5e-4)
     for key in ("lr_per_example_over_1_minus_momentum", "lr_times_weight_decay"):
         assert low_momentum[key] == pytest.approx(base[key]) and half[key] == pytest.approx(base[key])
-    off = effective_hyperparameters({**optim, "hold_invariant": False}, 256)
+    off = effective_hyperparameters(SimpleNamespace(**{**vars(optim), "hold_invariant": False}), 256)
     assert off["lr"] == 0.4 and off["weight_decay"] == 5e-4
 
 

@@ -21,9 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun.conf_files import CONF_DIR
 from cifar_speedrun.config import command_line, hydra_job, resolvers
+from cifar_speedrun.config.settings import TrainSettings
 from cifar_speedrun.errors import UserError, describe, find_user_error, full_error
 from cifar_speedrun.operations import interrupts, run_lock, storage
 from cifar_speedrun.operations.interrupts import RunInterrupted
+from cifar_speedrun.recipe.models import build_from_settings
 from cifar_speedrun.recipe.module import SpeedrunModule
 from cifar_speedrun.records import resume as resume_lib
 from cifar_speedrun.records import tracking
@@ -45,7 +47,7 @@ def _warn_if_full_width_on_cpu(cfg: DictConfig, net: torch.nn.Module) -> None:
     """One line with a measured estimate before a full-width run on a machine without CUDA."""
     if torch.cuda.is_available() or cfg.trainer.accelerator not in ("auto", "cpu") or cfg.model.width < 0.5:
         return
-    splits = int(cfg.model.norm.ghost_splits)  # a multiple of it suits every norm (ghost BN needs one)
+    splits = int(OmegaConf.select(cfg, "model.norm.ghost_splits") or 1)  # a multiple suits ghost BN too
     size = splits * max(1, -(-16 // splits))  # 16 images, or the fewest that the splits divide
     probe = torch.randn(size, 3, 32, 32)
     saved = {key: value.clone() for key, value in net.state_dict().items()}  # BN statistics change below
@@ -96,14 +98,14 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit, holding the run folder's lock. Returns the results dict (also in results.json)."""
-    command_line.validate(cfg)
+    run = command_line.validate(cfg)
     checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
     writes_to = {str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}
     if checkpointing is not None and checkpointing.get("dirpath") and not _inside(str(checkpointing.dirpath),
                                                                                   str(cfg.paths.output_dir)):
         writes_to[str(checkpointing.dirpath)] = "paths.checkpoint_dir"
     with run_lock.held(writes_to):  # a job of a multirun, train() called from Python, a shared checkpoint folder
-        return _fit(cfg)
+        return _fit(cfg, run)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -114,7 +116,9 @@ def _inside(path: str, folder: str) -> bool:
     return real_path == real_folder or real_path.startswith(real_folder.rstrip(os.sep) + os.sep)
 
 
-def _fit(cfg: DictConfig) -> dict[str, Any]:
+def _fit(cfg: DictConfig, run: TrainSettings) -> dict[str, Any]:
+    """The run `cfg` describes; the recipe (net, optimizer, schedule, TTA) built from `run`, the same
+    config as check_train typed it, so each number is used as it was checked."""
     storage.check_writable(str(cfg.paths.output_dir), "paths.output_dir (hydra.run.dir)")
     checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
     if checkpointing is not None and checkpointing.get("dirpath"):
@@ -130,7 +134,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
-    net: torch.nn.Module = instantiate(cfg.model)
+    net = build_from_settings(run.model)
     _warn_if_full_width_on_cpu(cfg, net)
     keys = tracking.run_keys(cfg, parameters=sum(p.numel() for p in net.parameters()))
     run_config = {
@@ -142,14 +146,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
         "run_keys": keys,
         "wandb_group": resolvers.wandb_group(str(cfg.task_name)),
     }
-    module = SpeedrunModule.from_config(cfg, net, run_config=run_config)
-    eff = module.effective
-    numbers = ", ".join(f"{key} {value:.4g}" for key, value in eff.items()
-                        if isinstance(value, float) and key not in ("schedule_epochs", "schedule_factors"))
-    builder = str(cfg.optim.builder).rsplit(".", 1)[-1]
-    print(f"[optim] {builder}: {numbers}, batch {eff['batch_size']}; lr schedule: epochs "
-          f"{[round(k, 4) for k in eff['schedule_epochs']]} -> factors {eff['schedule_factors']}; tricks: "
-          f"{', '.join(tricks) or 'none'}; data: {run_config['data_source']}", flush=True)
+    module = SpeedrunModule.from_config(cfg, net, run_config=run_config, run=run)  # prints [optim] when built
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(tracking.StartLine(cfg, tricks, str(cfg.paths.output_dir)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

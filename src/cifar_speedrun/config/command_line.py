@@ -7,12 +7,16 @@ any GPU time is spent.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun.conf_files import CONF_DIR
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.operations.run_lock import RunFolders
+
+if TYPE_CHECKING:
+    from cifar_speedrun.config.settings import TrainSettings
 
 # Groups whose options are files in conf/<group>/ (hydra and sweep too, but those are not chosen often).
 CHOOSABLE_GROUPS = ("data", "model", "optim", "trainer", "logger", "callbacks", "paths", "trick",
@@ -224,7 +228,7 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
     return RunFolders(run_dir, chosen, multirun, sum(len(batch) for batch in jobs) if multirun else 1, numbered)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> TrainSettings:
     """Refuse unknown keys, bad values and impossible combinations before anything is built or loaded.
 
     The typed sections and their cross-key rules are in settings.py (pydantic); this is the entry point
@@ -232,4 +236,4 @@ def validate(cfg: DictConfig) -> None:
     """
     from cifar_speedrun.config.settings import check_train
 
-    check_train(cfg)
+    return check_train(cfg)

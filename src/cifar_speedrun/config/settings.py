@@ -23,7 +23,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from cifar_speedrun.conf_files import keys_set_by_trick
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.recipe.models import FAMILIES, ModelSettings, family_for, target_of
-from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.optim import OPTIMIZERS, OptimizerSettings
+from cifar_speedrun.recipe.tta import TTASettings
 from cifar_speedrun.typed_sections import MAX_SEED, Section, check, plain, unknown_key
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
@@ -81,14 +82,6 @@ class PathSettings(Section):
 
 class LossSettings(Section):
     label_smoothing: float = Field(ge=0, lt=1, description="Page uses 0.2")
-
-
-class TTASettings(Section):
-    flip: bool
-    translate: bool
-    reduce: Literal["logits", "log_softmax"]
-    least_confident: Annotated[float, Field(gt=0, le=1)] | None = Field(
-        description="the fraction of each batch that gets the views, e.g. 0.25 (trick=tta_least_confident)")
 
 
 class CompileSettings(Section):
@@ -244,7 +237,7 @@ def _family_settings(value: Any) -> Section:
 
 
 def _optim_settings(value: Any) -> Section:
-    return _chosen_settings(value, "optim", "builder", {name: cls for name, (_, cls) in OPTIMIZERS.items()}, "sgd")
+    return _chosen_settings(value, "optim", "builder", dict(OPTIMIZERS), "sgd")
 
 
 class RunScalars(Section):
@@ -270,7 +263,7 @@ class TrainSettings(RunScalars):
 
     data: DataSettings
     model: ModelSettings
-    optim: Section
+    optim: OptimizerSettings
     trainer: TrainerSettings
     logger: Any
     callbacks: Any
@@ -321,7 +314,7 @@ def check_run_length(run: TrainSettings) -> None:
             f"trainer.max_epochs={max_epochs} differs from epochs={epochs:g}: set epochs={max_epochs} instead "
             "(the LR schedule and everything else that depends on the run's length follow `epochs`)"
         )
-    schedule = run.optim.schedule  # type: ignore[attr-defined]
+    schedule = run.optim.schedule
     written = list(schedule.epochs)
     knots = resolve_knots(written, epochs)
     try:
@@ -364,8 +357,8 @@ def check_devices(run: TrainSettings) -> None:
     batch, world = run.data.batch_size, run.trainer.world_size
     if batch % world:
         raise UserError(f"data.batch_size={batch} is not divisible by the {world} devices: use a multiple of {world}")
-    norm = run.model.norm
-    if norm.kind == "ghost" and (batch // world) % norm.ghost_splits:
+    norm = getattr(run.model, "norm", None)  # a family may declare no norm keys (models/base.py)
+    if norm is not None and norm.kind == "ghost" and (batch // world) % norm.ghost_splits:
         raise UserError(
             f"ghost_bn splits each batch into model.norm.ghost_splits={norm.ghost_splits}, but the per-device batch "
             f"is {batch // world}: use a batch size divisible by {norm.ghost_splits} (Page: 512 = 16 x 32)"
@@ -412,11 +405,13 @@ def check_train(cfg: Any) -> TrainSettings:
         return check(TrainSettings, data)
     except UserError as error:
         key = str(error).removeprefix("unknown key ").split(" ", 1)[0].rstrip(":")
-        tricks = [name for name in (data.get("applied_tricks") or {}) if key in keys_set_by_trick(name)]
+        set_by = {name: sorted(k for k in keys_set_by_trick(name) if k == key or k.startswith(key + "."))
+                  for name in (data.get("applied_tricks") or {})}
+        tricks = [name for name, keys in set_by.items() if keys]
         if not str(error).startswith("unknown key ") or not tricks:
             raise
-        raise UserError(f"trick={tricks[0]} sets {key}, which this configuration does not have (model "
-                        f"{data['model'].get('_target_', '?').rsplit('.', 1)[-1]}, optim.builder "
+        raise UserError(f"trick={tricks[0]} sets {', '.join(set_by[tricks[0]])}, which this configuration does not "
+                        f"have (model {data['model'].get('_target_', '?').rsplit('.', 1)[-1]}, optim.builder "
                         f"{data['optim'].get('builder', '?').rsplit('.', 1)[-1]}): the trick does not apply here; "
                         "drop it") from None
 

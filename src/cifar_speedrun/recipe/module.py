@@ -27,11 +27,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.recipe.models import ModelFamily
-from cifar_speedrun.recipe.optim import OPTIMIZERS
+from cifar_speedrun.recipe.optim import OptimizerSettings, read_optimizer
 from cifar_speedrun.recipe.schedule import PiecewiseLinear, check_schedule, group_schedules, resolve_knots
 from cifar_speedrun.recipe.step import LearningRates, TrainStep, autocast_dtype
 from cifar_speedrun.recipe.train_metrics import EpochMetrics
-from cifar_speedrun.recipe.tta import tta_logits
+from cifar_speedrun.recipe.tta import TTASettings, tta_logits
 
 
 def _hook(net: nn.Module, name: str) -> Any:
@@ -58,11 +58,11 @@ class SpeedrunModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        optim: dict[str, Any],
+        optim: OptimizerSettings | dict[str, Any],
         batch_size: int,
         *,
         label_smoothing: float,
-        tta: dict[str, Any],
+        tta: TTASettings | dict[str, Any],
         compile: bool,
         compile_mode: str,
         channels_last: bool,
@@ -71,29 +71,29 @@ class SpeedrunModule(L.LightningModule):
         run_config: dict[str, Any] | None = None,
         epochs: float | None = None,
     ) -> None:
-        """The run's settings, as `from_config` reads them from the config (defaults: conf/train.yaml)."""
+        """The run's settings, as `from_config` hands them over: `optim` and `tta` as the typed sections the
+        config check made (a plain dict, from a test or a script, is checked here, once)."""
         super().__init__()
         self.automatic_optimization = False  # the step below is the whole step
-        self.save_hyperparameters(ignore=["net"], logger=False)  # the run logs its Hydra config itself
-        knots = list(optim["schedule"]["epochs"])
+        self.optim = read_optimizer(optim)
+        self.tta = TTASettings.read(tta)
+        # The checkpoint keeps plain data only (it is loaded with weights_only=True): the sections as dicts.
+        self.save_hyperparameters(ignore=["net", "optim", "tta"], logger=False)
+        self.hparams["optim"] = self.optim.model_dump(by_alias=True)
+        self.hparams["tta"] = self.tta.model_dump()
+        knots = list(self.optim.schedule.epochs)
         if epochs is None and any(isinstance(k, str) for k in knots):
             raise UserError(f"optim.schedule.epochs={knots} is written in `epochs`: give the run's epochs too")
         self.epochs = None if epochs is None else float(epochs)
         self.schedule_knots = resolve_knots(knots, math.nan if epochs is None else float(epochs))
-        check_schedule(self.schedule_knots, optim["schedule"]["factors"])
+        check_schedule(self.schedule_knots, list(self.optim.schedule.factors))
         self.net = net
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.optim_cfg = dict(optim)
         self.batch_size = int(batch_size)
-        self.builder = OPTIMIZERS[str(self.optim_cfg["builder"])][0]  # the name is checked with the config
-        built = self.builder(self.net, self.optim_cfg, self.batch_size, "cpu")  # the numbers, before fit
-        self.effective = dict(built.effective)
-        self.effective["schedule_epochs"] = self.schedule_knots
-        self.effective["schedule_factors"] = [float(v) for v in optim["schedule"]["factors"]]
+        self.effective: dict[str, Any] = {}  # the optimizer's numbers in use, once it is built (configure_optimizers)
         self.total_steps: int | None = None
         self.label_smoothing = float(label_smoothing)
-        self.tta = dict(tta or {})
         self.compile_net = compile
         self.compile_mode = str(compile_mode)
         self.nan_check_every = max(1, int(nan_check_every))
@@ -106,7 +106,7 @@ class SpeedrunModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.warmup_seconds: float | None = None
-        self.fit_seconds = 0.0
+        self.whitening_fit_seconds = 0.0
         self.schedule: PiecewiseLinear | None = None
         self.step_mode = str(step_mode)
         self.group_rates: list[tuple[str, float, PiecewiseLinear]] = []  # (group name, base lr, schedule)
@@ -114,29 +114,39 @@ class SpeedrunModule(L.LightningModule):
         self.averaging: list[Any] = []  # callbacks the step calls after each optimizer step (EMA, lookahead)
 
     @classmethod
-    def from_config(cls, cfg: Any, net: nn.Module | None = None, *, optim: dict[str, Any] | None = None,
+    def from_config(cls, cfg: Any, net: nn.Module | None = None, *, optim: Any = None,
                     batch_size: int | None = None, epochs: float | None | str = "run",
-                    run_config: dict[str, Any] | None = None) -> SpeedrunModule:
+                    run_config: dict[str, Any] | None = None, run: Any = None) -> SpeedrunModule:
         """The module a composed config describes: the one place config keys become its arguments.
 
-        `net` defaults to the config's model; `optim`, `batch_size` and `epochs` replace the config's.
+        `run` is the config as check_train typed it (train.py passes it, so what was checked is what is
+        used); without it the sections are read from `cfg` and checked here. `net` defaults to the
+        config's model; `optim`, `batch_size` and `epochs` replace the config's.
         """
-        from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
+        if run is None:
+            from cifar_speedrun.config.settings import check_train
+
+            run = check_train(cfg)
+        if net is None:
+            from cifar_speedrun.recipe.models import build_from_settings
+
+            net = build_from_settings(run.model)
         return cls(
-            net=instantiate(cfg.model) if net is None else net,
-            optim=OmegaConf.to_container(cfg.optim, resolve=True) if optim is None else optim,
-            batch_size=int(cfg.data.batch_size if batch_size is None else batch_size),
-            label_smoothing=float(cfg.loss.label_smoothing),
-            tta=OmegaConf.to_container(cfg.tta, resolve=True),
-            compile=bool(cfg.compile.enabled),
-            compile_mode=str(cfg.compile.mode),
-            channels_last=bool(cfg.channels_last),
-            nan_check_every=int(cfg.nan_check_every),
-            step_mode=str(cfg.step.mode),
+            net=net,
+            optim=run.optim if optim is None else (
+                OmegaConf.to_container(optim, resolve=True) if OmegaConf.is_config(optim) else optim),
+            batch_size=run.data.batch_size if batch_size is None else int(batch_size),
+            label_smoothing=run.loss.label_smoothing,
+            tta=run.tta,
+            compile=run.compile.enabled,
+            compile_mode=run.compile.mode,
+            channels_last=run.channels_last,
+            nan_check_every=run.nan_check_every,
+            step_mode=run.step.mode,
             run_config=run_config,
-            epochs=float(cfg.epochs) if epochs == "run" else epochs,
+            epochs=run.epochs if epochs == "run" else epochs,
         )
 
     # ---------------------------------------------------------------- setup
@@ -162,7 +172,7 @@ class SpeedrunModule(L.LightningModule):
             _hook(self.net, "fit_to_data")(images)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.fit_seconds = time.perf_counter() - start  # counted as training time (callbacks.TrainTimer)
+        self.whitening_fit_seconds = time.perf_counter() - start  # counted as training time (tracking.TrainTimer)
         if self.compile_net or self.device.type == "cuda":
             self.warm_up(datamodule)
 
@@ -190,7 +200,7 @@ class SpeedrunModule(L.LightningModule):
             self.loss(self.net(x), y).backward()
             self.net.eval()
             with torch.no_grad():
-                tta_logits(self.net, x[: min(len(x), 1000)], bool(self.tta["flip"]), bool(self.tta["translate"]))
+                tta_logits(self.net, x[: min(len(x), 1000)], self.tta.flip, self.tta.translate)
         self.net.train()
         self.net.zero_grad(set_to_none=True)
         self.net.load_state_dict(saved)
@@ -306,7 +316,7 @@ class SpeedrunModule(L.LightningModule):
 
     def learning_rate_at(self, step: int) -> float:
         """The run's peak-group lr at step `step`: the effective lr times the schedule (for messages)."""
-        if self.schedule is None:
+        if self.schedule is None or "lr" not in self.effective:
             return float("nan")
         return self.effective["lr"] * self.schedule(step)
 
@@ -319,8 +329,7 @@ class SpeedrunModule(L.LightningModule):
         """Evaluation, as the run is scored: TTA included. Dataloader 0 is the test set, 1 the held-out
         validation images (data.val_split), logged as test/* and val/*."""
         images, labels = batch
-        logits = tta_logits(self.net, images, bool(self.tta["flip"]), bool(self.tta["translate"]),
-                            str(self.tta["reduce"]), self.tta["least_confident"])
+        logits = self.tta.logits(self.net, images)
         name, accuracy, loss = ("test", self.test_acc, self.test_loss) if dataloader_idx == 0 else (
             "val", self.val_acc, self.val_loss)
         loss.update(F.cross_entropy(logits, labels))
@@ -334,22 +343,36 @@ class SpeedrunModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         device_type = self.device.type if isinstance(self.device, torch.device) else "cpu"
         graph = self.uses_graph_step()
-        built = self.builder(self.net, self.optim_cfg, self.batch_size, device_type, tensor_lr=graph)
+        built = self.optim.build(self.net, self.batch_size, device_type, tensor_lr=graph)  # the one build
+        self.effective = {**built.effective, "schedule_epochs": self.schedule_knots,
+                          "schedule_factors": list(self.optim.schedule.factors)}
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
         steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
         # A fractional run (airbench: 9.9 epochs) stops inside its last epoch, at the schedule's end.
         epochs = self.epochs if self.epochs is not None else float(max_epochs)
         self.total_steps = math.ceil(epochs * steps_per_epoch - 1e-9)
-        self.schedule = PiecewiseLinear(self.schedule_knots, self.optim_cfg["schedule"]["factors"], steps_per_epoch)
+        self.schedule = PiecewiseLinear(self.schedule_knots, list(self.optim.schedule.factors), steps_per_epoch)
         schedules = group_schedules(built, self.schedule, epochs)
         self.group_rates = [(str(group.get("name") or f"group{index}"), float(group["lr"]), schedule)
                             for index, (group, schedule) in enumerate(zip(built.optimizer.param_groups, schedules,
                                                                           strict=True))]
+        if self._trainer is not None and self.trainer.is_global_zero:
+            print(self.describe_optimizer(), flush=True)
         if graph:  # the step keeps the schedule on the device itself (step.LearningRates)
             return {"optimizer": built.optimizer}
         scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, schedules)
         return {"optimizer": built.optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def describe_optimizer(self) -> str:
+        """The `[optim]` line: the numbers the built optimizer uses, its schedule, the run's tricks and data."""
+        numbers = ", ".join(f"{key} {value:.4g}" for key, value in self.effective.items()
+                            if isinstance(value, float) and key not in ("schedule_epochs", "schedule_factors"))
+        run_config = self.hparams.get("run_config") or {}
+        return (f"[optim] {self.optim.builder}: {numbers}, batch {self.batch_size}; lr schedule: epochs "
+                f"{[round(k, 4) for k in self.schedule_knots]} -> factors {list(self.optim.schedule.factors)}; "
+                f"tricks: {', '.join(run_config.get('tricks') or []) or 'none'}; data: "
+                f"{run_config.get('data_source', '?')}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.total_steps is not None and self.global_step >= self.total_steps:

@@ -1,10 +1,13 @@
-"""Optimizers as each recipe writes them: Page's SGD, airbench's decoupled SGD, airbench's Muon + SGD.
+"""Optimizers as each recipe writes them: Page's SGD, airbench's decoupled SGD, airbench's Muon + SGD, Lion.
 
-`optim=<name>` picks a config whose `builder` names one function here,
+`optim=<name>` picks a config whose `builder` names one settings class here. The class is the whole
+registration: declaring `class XSettings(OptimizerSettings)` with `builder: Literal["x"]` puts it in
+`OPTIMIZERS`, the config check validates `optim.*` into it once, and the run builds from that object,
 
-    builder(net, optim_cfg, batch_size, device_type) -> Built(optimizer, effective, group_knots)
+    settings.build(net, batch_size, device_type) -> Built(optimizer, effective, group_knots)
 
-so a recipe's optimizer is a config choice, not a branch in the LightningModule. Every builder
+reading the checked attributes (`self.lr`), so a recipe's optimizer is a config choice, not a branch in
+the LightningModule, and a number goes from its yaml to its parameter group through one object. Every builder
 works on the mean loss over the batch (module.py): where a recipe sums the loss (Page, airbench),
 its learning rates are per example and are multiplied by the batch size here, and its weight decay
 is converted so that the shrink per step, lr x weight_decay, is the recipe's. `effective` records
@@ -14,7 +17,7 @@ the numbers in use (results.json `effective_optim`), in both forms.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -24,7 +27,8 @@ from torch import nn
 
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.recipe.models import ModelFamily
-from cifar_speedrun.typed_sections import Section
+from cifar_speedrun.recipe.models.base import ROLES
+from cifar_speedrun.typed_sections import Section, check
 
 
 class Schedule(Section):
@@ -34,7 +38,53 @@ class Schedule(Section):
     factors: list[Annotated[float, Field(ge=0)]] = Field(min_length=2)
 
 
-class _NesterovMomentum(Section):
+@dataclass
+class Built:
+    optimizer: torch.optim.Optimizer
+    effective: dict[str, Any]
+    # Per-group schedules that differ from the run's (group name -> (knots in epochs, factors)).
+    group_knots: dict[str, tuple[list[Any], list[float]]] = field(default_factory=dict)
+
+
+# optim.builder -> its settings class; filled by declaring the classes (OptimizerSettings).
+OPTIMIZERS: dict[str, type[OptimizerSettings]] = {}
+
+
+class OptimizerSettings(Section):
+    """What every optimizer's settings have: the run's lr `schedule` and `build`.
+
+    A subclass whose `builder` field is a one-name Literal registers itself under that name: a new
+    optimizer is that class (its keys, their ranges and `build`) plus conf/optim/<name>.yaml.
+    `build(..., tensor_lr=True)` is asked for when step.py's graph-ready step sets the lrs as device tensors.
+    """
+
+    schedule: Schedule
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        builder = cls.model_fields.get("builder")
+        names = typing.get_args(builder.annotation) if builder is not None else ()
+        if len(names) == 1:
+            OPTIMIZERS[names[0]] = cls
+
+    def build(self, net: nn.Module, batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
+        raise NotImplementedError(f"{type(self).__name__} must say how it builds its optimizer")
+
+
+def read_optimizer(value: Any) -> OptimizerSettings:
+    """`optim` as its typed settings: a settings object as it is, a dict (a test's, a script's) checked once."""
+    if isinstance(value, OptimizerSettings):
+        return value
+    chosen = value.get("builder") if isinstance(value, dict) else None
+    settings = OPTIMIZERS.get(chosen) if isinstance(chosen, str) else None
+    if settings is None:
+        raise UserError(f"optim.builder={chosen!r} is not one of this project's; use optim=<name> "
+                        f"({', '.join(sorted(OPTIMIZERS))})")
+    return check(settings, value, "optim")
+
+
+class _NesterovMomentum(OptimizerSettings):
     """Nesterov's look-ahead is a momentum step: refused without momentum (torch would refuse it at build)."""
 
     @model_validator(mode="after")
@@ -51,12 +101,14 @@ class PageSGDSettings(_NesterovMomentum):
     momentum: float = Field(ge=0, lt=1, description="Page uses 0.9")
     nesterov: bool
     fused: bool
-    schedule: Schedule
     bias_lr_factor: float = Field(ge=0)
     bias_wd_factor: float = Field(ge=0)
     hold_invariant: bool
     reference_batch_size: int = Field(ge=1)
     reference_momentum: float = Field(ge=0, lt=1)
+
+    def build(self, net: nn.Module, batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
+        return page_sgd(self, net, batch_size, device_type, tensor_lr)
 
 
 class AirbenchSGDSettings(_NesterovMomentum):
@@ -67,7 +119,9 @@ class AirbenchSGDSettings(_NesterovMomentum):
     momentum: float = Field(ge=0, lt=1, description="airbench94: 0.85")
     nesterov: bool
     fused: bool
-    schedule: Schedule
+
+    def build(self, net: nn.Module, batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
+        return airbench_sgd(self, net, batch_size, device_type, tensor_lr)
 
 
 class MuonSettings(_NesterovMomentum):
@@ -83,21 +137,17 @@ class MuonSettings(_NesterovMomentum):
     width_reference_features: Annotated[float, Field(ge=1)] | None
     weight_decay_per_example: float = Field(ge=0)
     whiten_bias_schedule: Schedule | None
-    schedule: Schedule
 
-
-@dataclass
-class Built:
-    optimizer: torch.optim.Optimizer
-    effective: dict[str, Any]
-    # Per-group schedules that differ from the run's (group name -> (knots in epochs, factors)).
-    group_knots: dict[str, tuple[list[Any], list[float]]] = field(default_factory=dict)
+    def build(self, net: nn.Module, batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
+        return muon_sgd(self, net, batch_size, device_type, tensor_lr)
 
 
 def roles(net: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The net's parameters by role (models/base.py, ModelFamily.parameter_roles): the one place that
-    says which parameter is a filter, a norm bias, the whitening bias or the head."""
-    return ModelFamily.parameter_roles(net)  # type: ignore[arg-type]  (works on any nn.Module)
+    """The net's parameters by the roles its family declares (models/base.py, ModelFamily.roles). A net
+    that is no family (a test's nn.Linear) declares none: all its parameters are `other`."""
+    if isinstance(net, ModelFamily):
+        return net.parameter_roles()
+    return {**{role: [] for role in ROLES}, "other": list(net.parameters())}
 
 
 def _sgd(groups: list[dict[str, Any]], momentum: float, nesterov: bool, device_type: str,
@@ -127,7 +177,7 @@ def _split(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[str, float]:
+def effective_hyperparameters(optim: PageSGDSettings, batch_size: int) -> dict[str, float]:
     """The learning rate and weight decay to use, in Page's invariant form (part 5).
 
     With the mean loss, our lr η equals Page's per-example rate λ = η/N times N. Page's argument:
@@ -136,9 +186,9 @@ def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[st
     weight decay are taken as tuned at (reference_batch_size, reference_momentum) and rescaled so
     those three quantities are unchanged at the batch size and momentum in use.
     """
-    lr, wd, momentum = float(optim["lr"]), float(optim["weight_decay"]), float(optim["momentum"])
-    if optim["hold_invariant"]:
-        ref_n, ref_rho = float(optim["reference_batch_size"]), float(optim["reference_momentum"])
+    lr, wd, momentum = optim.lr, optim.weight_decay, optim.momentum
+    if optim.hold_invariant:
+        ref_n, ref_rho = float(optim.reference_batch_size), optim.reference_momentum
         scaled_lr = lr * (batch_size / ref_n) * ((1.0 - momentum) / (1.0 - ref_rho))
         wd = wd * lr / scaled_lr  # keep ηα fixed
         lr = scaled_lr
@@ -153,19 +203,17 @@ def effective_hyperparameters(optim: dict[str, Any], batch_size: int) -> dict[st
     }
 
 
-def page_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str,
+def page_sgd(optim: PageSGDSettings, net: nn.Module, batch_size: int, device_type: str,
              tensor_lr: bool = False) -> Built:
     """Nesterov SGD; BN biases with their own lr and weight-decay factors (Page's frozen_bn_scale: x64, /64)."""
     effective = effective_hyperparameters(optim, batch_size)
     lr, wd = effective["lr"], effective["weight_decay"]
     biases, weights = _split(net)
-    lr_factor = float(optim["bias_lr_factor"])
-    wd_factor = float(optim["bias_wd_factor"])
+    lr_factor, wd_factor = optim.bias_lr_factor, optim.bias_wd_factor
     groups = [{"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"},
               {"params": [b for b in biases if b.requires_grad], "lr": lr * lr_factor,
                "weight_decay": wd * wd_factor, "name": "biases"}]
-    optimizer = _sgd(groups, effective["momentum"], bool(optim["nesterov"]), device_type,
-                     bool(optim["fused"]), tensor_lr)
+    optimizer = _sgd(groups, effective["momentum"], optim.nesterov, device_type, optim.fused, tensor_lr)
     return Built(optimizer, effective)
 
 
@@ -180,7 +228,7 @@ def airbench_scale(momentum: float) -> float:
     return 1024.0 * (1.0 + 1.0 / (1.0 - momentum))
 
 
-def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str,
+def airbench_sgd(optim: AirbenchSGDSettings, net: nn.Module, batch_size: int, device_type: str,
                  tensor_lr: bool = False) -> Built:
     """airbench94's optimizer: Nesterov SGD with
 
@@ -192,11 +240,11 @@ def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_
     shrink over the group lr, so lr x weight_decay is airbench's shrink (decoupled: it follows the
     schedule's factor, not the lr's size).
     """
-    momentum = float(optim["momentum"])
+    momentum = optim.momentum
     scale = airbench_scale(momentum)
-    lr_example = float(optim["lr_per_1024"]) / scale
-    shrink = float(optim["weight_decay_per_1024"]) * batch_size / scale
-    bias_example = lr_example * float(optim["bias_scaler"])
+    lr_example = optim.lr_per_1024 / scale
+    shrink = optim.weight_decay_per_1024 * batch_size / scale
+    bias_example = lr_example * optim.bias_scaler
     biases, weights = _split(net)
     groups = [
         {"params": [b for b in biases if b.requires_grad], "lr": bias_example * batch_size,
@@ -204,7 +252,7 @@ def airbench_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_
         {"params": weights, "lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
          "name": "weights"},
     ]
-    optimizer = _sgd(groups, momentum, bool(optim["nesterov"]), device_type, bool(optim["fused"]), tensor_lr)
+    optimizer = _sgd(groups, momentum, optim.nesterov, device_type, optim.fused, tensor_lr)
     effective = {"lr": lr_example * batch_size, "weight_decay": shrink / (lr_example * batch_size),
                  "momentum": momentum, "batch_size": batch_size, "kilostep_scale": scale,
                  "lr_per_example": lr_example, "bias_lr_per_example": bias_example,
@@ -318,15 +366,13 @@ def head_width_factor(net: nn.Module, reference_features: float | None) -> float
     exactly 1 at airbench's width. None: no scaling. Muon's filter steps are orthogonalized, hence
     scale-free, and need no factor.
     """
-    if not reference_features:
+    head = [p for p in roles(net)["head"] if p.dim() == 2]  # the head's weight: (classes, features)
+    if not reference_features or not head:
         return 1.0
-    linears = [module for module in net.modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        return 1.0
-    return linears[-1].in_features / float(reference_features)
+    return head[0].size(1) / float(reference_features)
 
 
-def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str,
+def muon_sgd(optim: MuonSettings, net: nn.Module, batch_size: int, device_type: str,
              tensor_lr: bool = False) -> Built:
     """airbench94_muon's optimizer: Muon(conv filters, lr 0.24, momentum 0.6, Nesterov) and SGD(momentum 0.85,
     Nesterov) for the whitening bias, the BN biases (lr 0.053 per example) and the head (0.67), with the
@@ -338,34 +384,31 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
     whiten_bias = by_role["whiten_bias"]
     # The SGD "head" group: the head and whatever else trains that is neither a filter nor a norm bias.
     head = [p for role in ("head", "norm_scales", "other") for p in by_role[role] if p.requires_grad]
-    shrink = float(optim["weight_decay_per_example"]) * batch_size
-    width_factor = head_width_factor(net, optim["width_reference_features"])
-    head_lr = float(optim["head_lr"]) * width_factor
-    bias_lr = float(optim["bias_lr"]) * width_factor
+    shrink = optim.weight_decay_per_example * batch_size
+    width_factor = head_width_factor(net, optim.width_reference_features)
+    head_lr = optim.head_lr * width_factor
+    bias_lr = optim.bias_lr * width_factor
 
     def sgd_group(params: list[nn.Parameter], lr_example: float, name: str) -> dict[str, Any]:
         lr = lr_example * batch_size
         return {"params": params, "lr": lr, "weight_decay": shrink / lr, "name": name}
 
     groups = [
-        {"params": filters, "lr": float(optim["lr"]), "momentum": float(optim["muon_momentum"]), "muon": True,
-         "name": "filters"},
-        sgd_group(whiten_bias, float(optim["bias_lr"]), "whiten_bias"),
+        {"params": filters, "lr": optim.lr, "momentum": optim.muon_momentum, "muon": True, "name": "filters"},
+        sgd_group(whiten_bias, optim.bias_lr, "whiten_bias"),
         sgd_group(biases, bias_lr, "biases"),
         sgd_group(head, head_lr, "head"),
     ]
-    optimizer = MuonSGD([g for g in groups if g["params"]], momentum=float(optim["momentum"]),
-                        nesterov=bool(optim["nesterov"]), ns_steps=int(optim["ns_steps"]),
-                        renormalize=bool(optim["renormalize"]))
-    effective = {"lr": float(optim["lr"]), "muon_momentum": float(optim["muon_momentum"]),
-                 "momentum": float(optim["momentum"]), "batch_size": batch_size,
-                 "whiten_bias_lr_per_example": float(optim["bias_lr"]), "bias_lr_per_example": bias_lr,
+    optimizer = MuonSGD([g for g in groups if g["params"]], momentum=optim.momentum, nesterov=optim.nesterov,
+                        ns_steps=optim.ns_steps, renormalize=optim.renormalize)
+    effective = {"lr": optim.lr, "muon_momentum": optim.muon_momentum, "momentum": optim.momentum,
+                 "batch_size": batch_size, "whiten_bias_lr_per_example": optim.bias_lr, "bias_lr_per_example": bias_lr,
                  "head_lr_per_example": head_lr, "width_factor": width_factor,
-                 "weight_decay_shrink_per_step": shrink, "ns_steps": int(optim["ns_steps"])}
+                 "weight_decay_shrink_per_step": shrink, "ns_steps": optim.ns_steps}
     group_knots = {}
-    whiten_schedule = optim["whiten_bias_schedule"]
-    if whiten_schedule:
-        group_knots["whiten_bias"] = (list(whiten_schedule["epochs"]), [float(f) for f in whiten_schedule["factors"]])
+    whiten_schedule = optim.whiten_bias_schedule
+    if whiten_schedule is not None:
+        group_knots["whiten_bias"] = (list(whiten_schedule.epochs), list(whiten_schedule.factors))
     return Built(optimizer, effective, group_knots)
 
 
@@ -375,13 +418,21 @@ def muon_sgd(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type
 # ------------------------------------------------------------------------------------------------
 
 
-class LionSettings(Section):
+class LionSettings(OptimizerSettings):
     builder: Literal["lion"]
     lr: float = Field(ge=0, description="Lion's paper: 3-10x below AdamW's; here 1e-3 at batch 512")
     beta1: float = Field(ge=0, lt=1, description="Lion's paper: 0.9")
     beta2: float = Field(ge=0, lt=1, description="Lion's paper: 0.99")
     weight_decay: float = Field(ge=0, description="decoupled: the shrink per step is lr x weight_decay")
-    schedule: Schedule
+
+    def build(self, net: nn.Module, batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
+        """Lion on every trained parameter, one group (its sign update needs no per-role lr scaling)."""
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = Lion([{"params": params, "lr": self.lr, "name": "weights"}], betas=(self.beta1, self.beta2),
+                         weight_decay=self.weight_decay)
+        effective = {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "weight_decay": self.weight_decay,
+                     "batch_size": batch_size, "lr_times_weight_decay": self.lr * self.weight_decay}
+        return Built(optimizer, effective)
 
 
 class Lion(torch.optim.Optimizer):
@@ -419,26 +470,3 @@ class Lion(torch.optim.Optimizer):
                     param.add_(update, alpha=-lr)
                 momentum.lerp_(param.grad, 1 - beta2)
         return loss
-
-
-def lion(net: nn.Module, optim: dict[str, Any], batch_size: int, device_type: str, tensor_lr: bool = False) -> Built:
-    """Lion on every trained parameter, one group (its sign update needs no per-role lr scaling)."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    lr, decay = float(optim["lr"]), float(optim["weight_decay"])
-    optimizer = Lion([{"params": params, "lr": lr, "name": "weights"}],
-                     betas=(float(optim["beta1"]), float(optim["beta2"])), weight_decay=decay)
-    effective = {"lr": lr, "beta1": float(optim["beta1"]), "beta2": float(optim["beta2"]), "weight_decay": decay,
-                 "batch_size": batch_size, "lr_times_weight_decay": lr * decay}
-    return Built(optimizer, effective)
-
-
-# optim.builder -> (the function that builds the optimizer, its typed settings). A new optimizer is a
-# function above, its settings class, a line here and conf/optim/<name>.yaml (docs/contributing.md).
-# A builder takes `tensor_lr=True` when step.py's graph-ready step will set its lrs as device tensors.
-Builder = Callable[..., Built]
-OPTIMIZERS: dict[str, tuple[Builder, type[Section]]] = {
-    "page_sgd": (page_sgd, PageSGDSettings),
-    "airbench_sgd": (airbench_sgd, AirbenchSGDSettings),
-    "muon_sgd": (muon_sgd, MuonSettings),
-    "lion": (lion, LionSettings),
-}

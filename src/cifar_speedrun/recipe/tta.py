@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+from cifar_speedrun.typed_sections import Section, check
+
+
+class TTASettings(Section):
+    """conf/train.yaml's `tta` section: which views the evaluation averages (tta_logits below)."""
+
+    flip: bool
+    translate: bool
+    reduce: Literal["logits", "log_softmax"]
+    least_confident: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        description="the fraction of each batch that gets the views, e.g. 0.25 (trick=tta_least_confident)")
+
+    @classmethod
+    def read(cls, value: Any) -> TTASettings:
+        """A plain `tta` dict (a test's, a checkpoint's) as the typed section, checked once."""
+        return value if isinstance(value, cls) else check(cls, value, "tta")
+
+    def logits(self, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return tta_logits(net, images, self.flip, self.translate, self.reduce, self.least_confident)
 
 
 def tta_logits(net: nn.Module, images: torch.Tensor, flip: bool = False, translate: bool = False,

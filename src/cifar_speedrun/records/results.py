@@ -33,7 +33,7 @@ class TrainTimer(Callback):
     The clock runs from each training epoch's start to the start of its evaluation (or the epoch's
     end), with a device synchronize at both ends: CUDA kernels run asynchronously, so without it the
     clock would stop before the work does. The fitting of data-dependent layers before training
-    (patch whitening: `fit_seconds`, measured by the module) counts as training, as airbench counts
+    (patch whitening: `whitening_fit_seconds`, measured by the module) counts as training, as airbench counts
     its whitening init inside its timer. Each evaluation is timed apart (`eval_seconds`, with TTA),
     so airbench's total (whitening + training + the final TTA evaluation) is train_seconds plus the
     last evaluation's seconds. After each evaluation it records the test accuracy and the cumulative
@@ -50,14 +50,14 @@ class TrainTimer(Callback):
         self.epochs_completed = 0
         self._started: float | None = None
         self._seconds_at_epoch_start = 0.0
-        self.fit_seconds = 0.0
+        self.whitening_fit_seconds = 0.0
         self.eval_seconds: float | None = None  # of the last evaluation
         self._eval_started: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:  # a resumed run refits its layers, but that was counted the first time
-            self.fit_seconds = float(getattr(pl_module, "fit_seconds", 0.0) or 0.0)
-            self.train_seconds += self.fit_seconds
+            self.whitening_fit_seconds = float(getattr(pl_module, "whitening_fit_seconds", 0.0) or 0.0)
+            self.train_seconds += self.whitening_fit_seconds
 
     def _start(self, module: L.LightningModule) -> None:
         _synchronize(module.device)
@@ -112,7 +112,7 @@ class TrainTimer(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"train_seconds": self.train_seconds, "history": self.history,
                 "time_to_target": self.time_to_target, "epoch_to_target": self.epoch_to_target,
-                "epochs_completed": self.epochs_completed, "fit_seconds": self.fit_seconds}
+                "epochs_completed": self.epochs_completed, "whitening_fit_seconds": self.whitening_fit_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_seconds = state_dict["train_seconds"]
@@ -120,7 +120,8 @@ class TrainTimer(Callback):
         self.time_to_target = state_dict["time_to_target"]
         self.epoch_to_target = state_dict["epoch_to_target"]
         self.epochs_completed = state_dict.get("epochs_completed", len(self.history))
-        self.fit_seconds = state_dict.get("fit_seconds", 0.0)
+        # checkpoints written before the rename call it fit_seconds
+        self.whitening_fit_seconds = state_dict.get("whitening_fit_seconds", state_dict.get("fit_seconds", 0.0))
 
 
 # The repository the running code comes from: results name the code that ran, wherever it was started.
@@ -184,7 +185,7 @@ class ResultsWriter(Callback):
             "val_acc": history[-1].get("val_acc") if history else None,
             "val_images": getattr(trainer.datamodule, "num_val_images", 0) if trainer.datamodule else 0,
             "train_seconds": timer.train_seconds if timer else None,
-            "fit_seconds": timer.fit_seconds if timer else None,
+            "whitening_fit_seconds": timer.whitening_fit_seconds if timer else None,
             "eval_seconds": timer.eval_seconds if timer else None,
             "epochs": timer.epochs_completed if timer else None,
             "max_epochs": trainer.max_epochs,

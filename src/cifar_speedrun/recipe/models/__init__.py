@@ -35,6 +35,14 @@ def by_name(name: str) -> type[ModelFamily]:
     raise UserError(f"model={name!r} is not a model family; use {', '.join(known)}")
 
 
+def build_from_settings(settings: ModelSettings) -> ModelFamily:
+    """The net of a family's typed settings (as check_train made them): each family has its own class."""
+    for family in FAMILIES.values():
+        if type(settings) is family.settings_class:
+            return family(settings)
+    raise TypeError(f"{type(settings).__name__} is no family's settings class")
+
+
 def default_settings(name: str, seed: int = 0) -> dict[str, Any]:
     """conf/model/<name>.yaml's settings (its `${seed}` as `seed`): the one place a family's defaults live."""
     from omegaconf import OmegaConf
@@ -72,5 +80,6 @@ def build_whitening(family: str = "davidnet", **overrides: Any) -> nn.Module:
     return check(WhiteningSettings, {**default_settings(family)["whitening"], **overrides}, "model.whitening").layer()
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelSettings", "build", "build_norm", "build_whitening", "by_name",
+__all__ = ["FAMILIES", "ModelFamily", "ModelSettings", "build", "build_from_settings", "build_norm", "build_whitening",
+           "by_name",
            "count_parameters", "default_settings", "family_for", "target_of"]

@@ -22,11 +22,19 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
+from cifar_speedrun.recipe.models.base import (
+    ActivationKeys,
+    DiracInitKeys,
+    HeadKeys,
+    ModelFamily,
+    ModelSettings,
+    NormKeys,
+    WhiteningKeys,
+)
 from cifar_speedrun.recipe.models.layers import Scale, dirac_init_
 
 
-class AirbenchSettings(ModelSettings):
+class AirbenchSettings(ModelSettings, ActivationKeys, HeadKeys, DiracInitKeys, NormKeys, WhiteningKeys):
     widths: list[Annotated[int, Field(ge=1)]] = Field(
         min_length=1, max_length=4, description="each block halves the image: 31 px allows 4 (airbench: 3)")
     # null: logits divided by the feature count (airbench94_muon's `head(x) / x.size(-1)`).
@@ -39,17 +47,21 @@ class AirbenchNet(ModelFamily, nn.Sequential):
 
     name = "airbench94"
     settings_class = AirbenchSettings
+    roles = {"filters": ("block*.conv*.weight",), "norm_biases": ("block*.norm*.bias",),
+             "norm_scales": ("block*.norm*.weight",), "whiten_bias": ("whiten.bias",), "head": ("linear.weight",)}
 
-    def __init__(self, **settings: Any) -> None:
-        s: AirbenchSettings = self.read_settings(settings)
+    def __init__(self, settings: AirbenchSettings | None = None, **keys: Any) -> None:
+        s: AirbenchSettings = self.read_settings(settings, keys)
         make_norm, make_act = s.norm.factory(), s.make_act()
         if s.whitening.enabled:
             stem: nn.Module = s.whitening.layer()
             stem_channels = stem.out_channels
-        else:  # a learned conv of the same shape in its place
+        else:  # a learned conv of the same shape in its place: its weight a filter, its bias an ordinary one
             kernel = s.whitening.kernel_size
             stem_channels = (2 if s.whitening.both_signs else 1) * 3 * kernel * kernel
             stem = nn.Conv2d(3, stem_channels, kernel, padding=s.whitening.padding, bias=True)
+            roles = {**self.roles, "filters": (*self.roles["filters"], "whiten.weight"), "whiten_bias": (),
+                     "other": ("whiten.bias",)}
         channels = [max(1, round(c * s.width)) for c in s.widths]
 
         def group(c_in: int, c_out: int) -> nn.Sequential:
@@ -72,5 +84,7 @@ class AirbenchNet(ModelFamily, nn.Sequential):
         scale = 1.0 / previous if s.logit_scale is None else float(s.logit_scale)
         blocks.update(pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(), linear=head, scale=Scale(scale))
         super().__init__(blocks)
+        if not s.whitening.enabled:
+            self.roles = roles
         if s.dirac_init:
             dirac_init_(self)

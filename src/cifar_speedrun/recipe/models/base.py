@@ -2,9 +2,11 @@
 
 A model family is one file in this package (davidnet.py, airbench.py, resnet18.py) holding
 
-- a `Settings` class (a typed section, `ModelSettings` plus the family's own keys), and
-- an `nn.Module` subclass of `ModelFamily` with `name` (the `model=<name>` choice, conf/model/<name>.yaml)
-  and `settings_class`; its `__init__(**settings)` takes the yaml's keys.
+- a `Settings` class: `ModelSettings` (width, num_classes), the shared key groups below it uses, and its
+  own keys; and
+- an `nn.Module` subclass of `ModelFamily` with `name` (the `model=<name>` choice, conf/model/<name>.yaml),
+  `settings_class` and `roles`; its `__init__` takes that settings object (as the config check typed it)
+  or the yaml's keys (checked there, once).
 
 Defining the class registers it (`FAMILIES`): the trainer, the model-file loader and the config check
 find it there, by its `_target_`, and nowhere else. A file someone hands over is built only through
@@ -14,16 +16,21 @@ The hooks the training loop calls, the same for every family:
 
 - `fit_to_data(images)`: once before training, with the standardized training images (patch whitening);
 - `set_epoch(epoch)`: at the start of every training epoch (airbench's whitening bias trains 3 epochs);
-- `parameter_roles()`: the parameters by role (filters, norm biases, whitening bias, head, other),
-  which the optimizers (optim.py) give their learning rates.
+- `parameter_roles()`: the parameters by role (filters, norm biases, norm scales, whitening bias, head,
+  other), which the optimizers (optim.py) give their learning rates. The family declares them in `roles`,
+  by parameter name; a parameter no pattern (or two) claims stops the build, so a new layer cannot
+  silently miss its learning-rate factor.
 
-Shared keys mean the same in every family (`width`, `activation`, `celu_alpha`, `logit_scale`,
-`dirac_init`, `norm.*`, `whitening.*`); a key a family cannot honour is not in its Settings, so a trick
-that sets it (trick=pool_before_norm on airbench94) is refused by name.
+Shared keys mean the same in every family, and a family declares the groups it honours by listing
+their sections among its Settings' bases: `ActivationKeys` (activation, celu_alpha), `HeadKeys`
+(logit_scale), `DiracInitKeys` (dirac_init), `NormKeys` (norm.*), `WhiteningKeys` (whitening.*). A key
+a family does not declare is an unknown key for it, so a trick that sets one (trick=pool_before_norm
+on airbench94, trick=whitening on a family without whitening) is refused by name.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -74,15 +81,31 @@ class ModelSettings(Section):
 
     width: float = Field(gt=0, description="1.0 is the published net; 0.125 for CPU runs")
     num_classes: Literal[10] = Field(description="CIFAR-10 has 10 classes")
+
+
+# The shared key groups: a family's Settings lists those it honours among its bases.
+class ActivationKeys(Section):
     activation: Literal["relu", "celu", "gelu"]
     celu_alpha: float = Field(gt=0)
-    logit_scale: float = Field(gt=0)
-    dirac_init: bool
-    norm: NormSettings
-    whitening: WhiteningSettings
 
     def make_act(self) -> Callable[[], nn.Module]:
         return lambda: activation(self.activation, self.celu_alpha)
+
+
+class HeadKeys(Section):
+    logit_scale: float = Field(gt=0)
+
+
+class DiracInitKeys(Section):
+    dirac_init: bool
+
+
+class NormKeys(Section):
+    norm: NormSettings
+
+
+class WhiteningKeys(Section):
+    whitening: WhiteningSettings
 
 
 # Class name -> family: filled by defining the classes (ModelFamily.__init_subclass__).
@@ -102,21 +125,38 @@ def family_for(target: Any) -> type[ModelFamily] | None:
     return FAMILIES.get(target.rsplit(".", 1)[-1])
 
 
+# The roles the optimizers know (optim.py), in the order parameter_roles() lists them.
+ROLES = ("filters", "norm_biases", "norm_scales", "whiten_bias", "head", "other")
+
+
 class ModelFamily(nn.Module):
-    """The interface of a model family (see the module docstring). Subclasses set `name` and `settings_class`."""
+    """The interface of a model family (see the module docstring).
+
+    Subclasses set `name`, `settings_class` (their own class: one settings class, one family) and
+    `roles`: role -> fnmatch patterns over `named_parameters()` names, each parameter claimed by exactly
+    one role (an instance may narrow them in `__init__`, e.g. for a layer a setting swaps)."""
 
     name: ClassVar[str]
     settings_class: ClassVar[type[ModelSettings]]
+    roles: ClassVar[dict[str, tuple[str, ...]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
+            unknown = set(cls.roles) - set(ROLES)
+            if unknown:
+                raise TypeError(f"{cls.__name__}.roles names {sorted(unknown)}: the roles are {ROLES}")
             FAMILIES[cls.__name__] = cls
 
     @classmethod
-    def read_settings(cls, settings: dict[str, Any]) -> Any:
-        """The keyword arguments as this family's typed settings, or one UserError naming the key."""
-        return check(cls.settings_class, plain(settings), "model")
+    def read_settings(cls, settings: ModelSettings | None, keys: dict[str, Any]) -> Any:
+        """This family's typed settings: the object the config check made, as it is, or the keyword
+        arguments (a test's, a model file's) checked once, with one UserError naming the key."""
+        if settings is not None:
+            if keys or not isinstance(settings, cls.settings_class):
+                raise TypeError(f"{cls.__name__} takes a {cls.settings_class.__name__} or the yaml's keys, not both")
+            return settings
+        return check(cls.settings_class, plain(keys), "model")
 
     def fit_to_data(self, images: torch.Tensor) -> None:
         for layer in self.modules():
@@ -129,30 +169,18 @@ class ModelFamily(nn.Module):
                 layer.set_epoch(epoch)
 
     def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
-        """Every parameter, by role: `filters` (conv weights), `norm_biases`, `norm_scales`, `whiten_bias`,
-        `head` (the last linear layer), `other`. Frozen parameters are included: one may start training later."""
-        groups: dict[str, list[nn.Parameter]] = {role: [] for role in
-                                                 ("filters", "norm_biases", "norm_scales", "whiten_bias", "head",
-                                                  "other")}
-        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        head_ids = {id(p) for p in linears[-1].parameters()} if linears else set()
-        seen: set[int] = set()
-        for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                if id(param) in head_ids:
-                    role = "head"
-                elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    role = "norm_biases" if name == "bias" else "norm_scales"
-                elif isinstance(module, PatchWhitening):
-                    role = "whiten_bias"
-                elif isinstance(module, nn.Conv2d) and name == "weight":
-                    role = "filters"
-                else:
-                    role = "other"
-                groups[role].append(param)
+        """Every parameter, by the role `roles` declares for its name (ROLES lists them). Frozen parameters
+        are included: one may start training later. A parameter no role claims, or two claim, is a
+        family's mistake and stops here (ValueError) rather than train with the wrong learning rate."""
+        groups: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
+        for name, param in self.named_parameters():
+            claimed = [role for role, patterns in self.roles.items()
+                       if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+            if len(claimed) != 1:
+                raise ValueError(f"{type(self).__name__}.roles gives its parameter {name!r} "
+                                 f"{'no role' if not claimed else f'{len(claimed)} roles {claimed}'}: "
+                                 "declare exactly one for it")
+            groups[claimed[0]].append(param)
         return groups
 
 

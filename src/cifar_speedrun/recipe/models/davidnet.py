@@ -20,14 +20,22 @@ from typing import Any
 
 from torch import nn
 
-from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
+from cifar_speedrun.recipe.models.base import (
+    ActivationKeys,
+    DiracInitKeys,
+    HeadKeys,
+    ModelFamily,
+    ModelSettings,
+    NormKeys,
+    WhiteningKeys,
+)
 from cifar_speedrun.recipe.models.layers import ConvBlock, Residual, Scale, dirac_init_
 
 # Page part 4, final DavidNet: channel widths of prep, layer1, layer2, layer3.
 BASE_CHANNELS = (64, 128, 256, 512)
 
 
-class DavidNetSettings(ModelSettings):
+class DavidNetSettings(ModelSettings, ActivationKeys, HeadKeys, DiracInitKeys, NormKeys, WhiteningKeys):
     pool_before_norm: bool
 
 
@@ -36,9 +44,11 @@ class DavidNet(ModelFamily, nn.Sequential):
 
     name = "davidnet"
     settings_class = DavidNetSettings
+    roles = {"filters": ("*conv.weight",), "norm_biases": ("*norm.bias",), "norm_scales": ("*norm.weight",),
+             "whiten_bias": ("prep.whiten.bias",), "head": ("linear.weight",)}
 
-    def __init__(self, **settings: Any) -> None:
-        s: DavidNetSettings = self.read_settings(settings)
+    def __init__(self, settings: DavidNetSettings | None = None, **keys: Any) -> None:
+        s: DavidNetSettings = self.read_settings(settings, keys)
         make_norm, make_act = s.norm.factory(), s.make_act()
         c_prep, c1, c2, c3 = (max(1, round(c * s.width)) for c in BASE_CHANNELS)
 

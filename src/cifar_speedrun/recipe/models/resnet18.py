@@ -25,7 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
+from cifar_speedrun.recipe.models.base import (
+    ActivationKeys,
+    DiracInitKeys,
+    HeadKeys,
+    ModelFamily,
+    ModelSettings,
+    NormKeys,
+    WhiteningKeys,
+)
 from cifar_speedrun.recipe.models.layers import ConvBlock, Scale, dirac_init_
 
 # He et al. 2016, section 4.1 / kuangliu's ResNet18: widths of the four stages, two blocks each.
@@ -49,14 +57,20 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
+class ResNet18Settings(ModelSettings, ActivationKeys, HeadKeys, DiracInitKeys, NormKeys, WhiteningKeys):
+    """Only the shared keys: the net itself is fixed (He et al.)."""
+
+
 class ResNet18(ModelFamily, nn.Sequential):
     """CIFAR ResNet-18; the keyword arguments are conf/model/resnet18.yaml's keys."""
 
     name = "resnet18"
-    settings_class = ModelSettings
+    settings_class = ResNet18Settings
+    roles = {"filters": ("*conv*.weight",), "norm_biases": ("*norm*.bias",), "norm_scales": ("*norm*.weight",),
+             "whiten_bias": ("stem.whiten.bias",), "head": ("linear.weight", "linear.bias")}
 
-    def __init__(self, **settings: Any) -> None:
-        s: ModelSettings = self.read_settings(settings)
+    def __init__(self, settings: ResNet18Settings | None = None, **keys: Any) -> None:
+        s: ResNet18Settings = self.read_settings(settings, keys)
         make_norm, make_act = s.norm.factory(), s.make_act()
         channels = [max(1, round(c * s.width)) for c in STAGE_CHANNELS]
         if s.whitening.enabled:
