@@ -797,3 +797,47 @@ def test_eval_arguments_that_cannot_run_are_one_line_and_leave_no_folder(argv, m
     assert code == 2 and message in _one_error_line(stderr)
     if "ckpt_path" in message:
         assert not (tmp_path / "logs").exists()
+
+
+# ================================================================ a run writes through no link it did not make
+@pytest.mark.parametrize("link,argv", [
+    (".run.lock", ["hydra.run.dir={dir}"]),
+    ("results.json", ["hydra.run.dir={dir}"]),
+    ("csv/metrics.csv", ["hydra.run.dir={dir}"]),
+    ("checkpoints", ["hydra.run.dir={dir}"]),  # a folder link: every checkpoint would land in the victim's folder
+    ("0/.hydra", ["-m", "seed=0,1", "hydra.sweep.dir={dir}"]),  # inside a multirun's job folder
+    (".run.lock", ["hydra.run.dir={tmp}/elsewhere", "paths.output_dir={dir}"]),
+], ids=["lock file", "results.json", "metrics.csv", "checkpoint folder", "multirun job", "paths.output_dir"])
+def test_a_planted_link_in_a_run_folder_is_refused_and_its_target_untouched(link: str, argv: list[str],
+                                                                            tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:
+    """`ln -s <victim> <dir>/.run.lock` then a run into <dir> must not write `pid ...` into the victim (nor
+    results, metrics, checkpoints or Hydra's files through any other planted link): refused in one line."""
+    folder = tmp_path / "run"
+    victim = tmp_path / "victim"
+    if link in ("checkpoints", "0/.hydra"):
+        victim.mkdir()
+    else:
+        victim.write_text("precious\n")
+    (folder / link).parent.mkdir(parents=True, exist_ok=True)
+    (folder / link).symlink_to(victim)
+    before = sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()
+    code, stderr = _main([*TINY, *(a.format(dir=folder, tmp=tmp_path) for a in argv)], monkeypatch, capsys)
+    line = _one_error_line(stderr)
+    assert code == 2 and "holds a link no run makes" in line and f"{folder / link} -> {victim}" in line, line
+    assert (sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()) == before
+    assert not (folder / "results.json").exists() or (folder / "results.json").is_symlink(), "no record written there"
+
+
+def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:
+    """Even planted after the check, the lock's open does not follow the link (O_NOFOLLOW)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / run_lock.LOCK_NAME).symlink_to(victim)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_lock, "_refuse_links", lambda *args: None)  # the race: the link appears after the scan
+        with pytest.raises(UserError):
+            run_lock.try_lock(str(folder), "hydra.run.dir")
+    assert victim.read_text() == "precious\n"

@@ -261,7 +261,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
               flush=True)
         raise SystemExit(interrupt.exit_code) from None
     except Exception as error:
-        if not isinstance(find_user_error(error), run_lock.FolderInUse):  # nothing may be written there
+        if not isinstance(find_user_error(error), run_lock.FolderRefused):  # nothing may be written there
             _record_failure(cfg, error)
         if full_error():
             raise

@@ -17,6 +17,12 @@ Processes a run starts itself (Lightning's DDP workers, submitit's jobs) write i
 parent locked: the parent names them in the environment variable `CIFAR_SPEEDRUN_HELD_FOLDERS`, and
 only those folders are taken as held.
 
+A run writes only files it creates itself, never through a link: a symbolic link anywhere inside a
+folder being locked (`<dir>/.run.lock -> ~/.bashrc`, `<dir>/checkpoints -> /elsewhere`) was planted, since
+no run makes one, and the folder is refused in one line naming the link before anything is written;
+the lock file itself is opened with O_NOFOLLOW. (The folder's own path may go through links: that is
+where the user put it.)
+
 Where locks do not reach: remote folders (gs://, s3://; `paths.checkpoint_dir` may be one) are not
 locked, so two runs given the same remote checkpoint folder still overwrite each other's
 `last.ckpt`. A multirun with its own `hydra.sweep.subdir` has its sweep folder locked, not each job's
@@ -49,8 +55,16 @@ MAX_SUFFIX = 100
 _held: dict[str, tuple[int, int]] = {}  # real path -> (file descriptor, how many holders in this process)
 
 
-class FolderInUse(UserError):
-    """Another run holds the folder: nothing may be written there, not even a failure record."""
+class FolderRefused(UserError):
+    """A folder nothing may be written into, not even a failure record."""
+
+
+class FolderInUse(FolderRefused):
+    """Another run holds the folder."""
+
+
+class PlantedLink(FolderRefused):
+    """The folder holds a link no run makes."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,27 @@ def _held_elsewhere(real: str) -> str | None:
     return None
 
 
+def planted_link(folder: str) -> str | None:
+    """The first symbolic link inside `folder`'s tree (not followed), or None."""
+    for root, folders, files in os.walk(folder):  # followlinks=False: a linked folder is listed, not entered
+        for name in sorted(folders + files):
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                return path
+    return None
+
+
+def _refuse_links(real: str, folder: str, setting: str) -> None:
+    link = planted_link(real)
+    if link is not None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = "?"
+        raise PlantedLink(f"{setting}={folder} holds a link no run makes: {link} -> {target}; remove it (a run "
+                        "writes only files it creates, never through a link) or choose another folder")
+
+
 def try_lock(folder: str, setting: str) -> str | None:
     """Lock `folder` for this process (re-entrant). Returns None when locked, or the folder another
     process holds: `folder` itself, or a folder above it (a run's lock covers its subfolders).
@@ -132,9 +167,10 @@ def try_lock(folder: str, setting: str) -> str | None:
     above = _held_elsewhere(real)  # before anything is made inside a folder in use
     if above is not None:
         return above
+    _refuse_links(real, folder, setting)
     try:
         os.makedirs(real, exist_ok=True)
-        descriptor = os.open(os.path.join(real, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+        descriptor = os.open(os.path.join(real, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as error:
         raise UserError(f"cannot use {setting}={folder}: {_reason(error, folder)}; choose another folder") from None
     try:
