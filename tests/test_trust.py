@@ -841,3 +841,55 @@ def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:
         with pytest.raises(UserError):
             run_lock.try_lock(str(folder), "hydra.run.dir")
     assert victim.read_text() == "precious\n"
+
+
+# ================================================================ a record is this run's or it is not read
+def test_a_job_that_now_fails_is_counted_by_what_it_did_now_and_the_earlier_record_is_kept(tmp_path: Path,
+                                                                                           monkeypatch,
+                                                                                           capsys) -> None:
+    """A multirun into a sweep folder whose job folders hold an earlier run's results.json ("ok", 91%): the job
+    that now fails before training must count as failed, and the report must not see the old accuracy under
+    the new overrides. The earlier record is kept beside it, renamed."""
+    sweep = tmp_path / "sweep"
+    earlier = {"status": "ok", "test_acc": 0.91, "started_at": "2026-01-02T03:04:05+00:00", "history": []}
+    for job in ("0", "1"):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "results.json").write_text(json.dumps(earlier))
+        os.utime(sweep / job / "results.json", (time.time() - 3600, time.time() - 3600))
+    code, stderr = _main(["-m", *TINY, "seed=3,-1", f"hydra.sweep.dir={sweep}"], monkeypatch, capsys)
+    assert code == 0, stderr[-2000:]
+    from cifar_speedrun.records.multirun import job_outcomes
+
+    assert [(job, status) for job, status, _ in job_outcomes(sweep)] == [("0", "ok"), ("1", "failed")]
+    for job, status in (("0", "ok"), ("1", "failed")):
+        record = json.loads((sweep / job / "results.json").read_text())
+        assert record["status"] == status and record["test_acc"] != 0.91
+        stale = list((sweep / job).glob("results.stale-*.json"))
+        assert [json.loads(p.read_text()) for p in stale] == [earlier], "the earlier record is kept, renamed"
+        assert stale[0].name == "results.stale-20260102T030405.json"
+    assert "seed=-1" in json.loads((sweep / "1" / "results.json").read_text())["error"]
+
+
+def test_a_resumed_run_keeps_the_record_it_continues(tmp_path: Path) -> None:
+    from cifar_speedrun.records.results import set_aside_earlier_record
+
+    (tmp_path / "results.json").write_text('{"status": "interrupted"}')
+    assert set_aside_earlier_record(str(tmp_path), continuing=True) is None
+    assert (tmp_path / "results.json").is_file()
+    first = set_aside_earlier_record(str(tmp_path), continuing=False)
+    (tmp_path / "results.json").write_text("not json")  # unreadable: still an earlier run's, still kept
+    second = set_aside_earlier_record(str(tmp_path), continuing=False)
+    assert first != second and Path(first).is_file() and Path(second).read_text() == "not json"
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_multirun_summary_does_not_count_a_record_older_than_the_multirun(tmp_path: Path) -> None:
+    from cifar_speedrun.records.multirun import job_outcomes
+
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "results.json").write_text('{"status": "ok"}')
+    os.utime(job / "results.json", (time.time() - 3600, time.time() - 3600))
+    (job / ".hydra" / "config.yaml").write_text("{}")
+    [(_, status, error)] = job_outcomes(tmp_path, since=time.time() - 60)
+    assert status != "ok" and "earlier run" in error

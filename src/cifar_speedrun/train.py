@@ -30,7 +30,7 @@ from cifar_speedrun.recipe.module import SpeedrunModule
 from cifar_speedrun.records import resume as resume_lib
 from cifar_speedrun.records import tracking
 from cifar_speedrun.records.csv_log import ResumableCSVLogger
-from cifar_speedrun.records.results import ResultsWriter
+from cifar_speedrun.records.results import ResultsWriter, set_aside_earlier_record
 
 
 def _describe_data(cfg: DictConfig) -> str:
@@ -98,14 +98,27 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit, holding the run folder's lock. Returns the results dict (also in results.json)."""
-    run = command_line.validate(cfg)
     checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
     writes_to = {str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}
     if checkpointing is not None and checkpointing.get("dirpath") and not _inside(str(checkpointing.dirpath),
                                                                                   str(cfg.paths.output_dir)):
         writes_to[str(checkpointing.dirpath)] = "paths.checkpoint_dir"
     with run_lock.held(writes_to):  # a job of a multirun, train() called from Python, a shared checkpoint folder
+        # Before anything can fail: from here on, the folder's results.json is this run's (or the one it continues).
+        aside = set_aside_earlier_record(str(cfg.paths.output_dir), continuing=_continues_this_folder(cfg))
+        if aside is not None:
+            print(f"[run] {cfg.paths.output_dir} held an earlier run's results.json: kept as {os.path.basename(aside)}",
+                  flush=True)
+        run = command_line.validate(cfg)
         return _fit(cfg, run)
+
+
+def _continues_this_folder(cfg: DictConfig) -> bool:
+    """resume=true, or a checkpoint from this run's own folder: its results.json is the record continued."""
+    if cfg.get("resume"):
+        return True
+    ckpt_path = cfg.get("ckpt_path")
+    return bool(ckpt_path) and storage.is_local(str(ckpt_path)) and _inside(str(ckpt_path), str(cfg.paths.output_dir))
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -26,8 +26,11 @@ def job_outcomes(sweep_dir: Path, since: float = 0.0) -> list[tuple[str, str, st
         job = config.parent.parent
         results = job / "results.json"
         try:
-            record = json.loads(results.read_text())
-            status, error = str(record.get("status")), record.get("error")
+            if results.stat().st_mtime < since:  # train() sets an earlier record aside; this one never started
+                status, error = "no results.json of this run", "the folder's results.json is an earlier run's"
+            else:
+                record = json.loads(results.read_text())
+                status, error = str(record.get("status")), record.get("error")
         except (OSError, ValueError, AttributeError):
             status, error = "no results.json", None
         outcomes.append((str(job.relative_to(sweep_dir)) or ".", status, error))

@@ -154,6 +154,28 @@ def code_version() -> str:
         return "unknown"
 
 
+def set_aside_earlier_record(output_dir: str, continuing: bool) -> str | None:
+    """A results.json an earlier run left in this run's folder, renamed `results.stale-<its time>.json`.
+
+    Everything that reads a folder's results.json (the multirun summary, the report, the search) takes
+    it for the run that was last started there, so it must be this run's from the start: a job that
+    now fails before training would otherwise leave the earlier run's "ok" and accuracy standing under
+    its own overrides. Kept, not deleted: nothing written is lost. A run that continues the folder's
+    run (`continuing`: resume=true, or a checkpoint of this folder) keeps the record it continues.
+    Returns the new name, or None when nothing was set aside.
+    """
+    path = storage.join(output_dir, "results.json")
+    if continuing or not storage.exists(path):
+        return None
+    try:
+        started = storage.read_json(path).get("started_at")
+    except Exception:  # unreadable or not JSON: still an earlier run's, still kept
+        started = None
+    stamp = str(started or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    stamp = "".join(c for c in stamp if c.isalnum())[:15]  # 2026-01-02T03:04:05+00:00 -> 20260102T030405
+    return storage.move_aside(path, f"results.stale-{stamp}", ".json")
+
+
 class ResultsWriter(Callback):
     """Writes `results.json` in the run's output dir, when the run ends or fails.
 
