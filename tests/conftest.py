@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,7 +57,14 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
 _GROUPS_FILE = "CIFAR_SPEEDRUN_TEST_GROUPS"
 
 
+def _stop_the_suite(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sends_itself_signals: the test signals its own process on purpose")
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends the suite as Ctrl-C does, summary included
+        signal.signal(signal.SIGTERM, _stop_the_suite)
     if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
         os.environ[_GROUPS_FILE] = str(Path(tempfile.mkdtemp(prefix="pytest-groups-")) / "groups.json")
 
@@ -146,6 +155,27 @@ def _decode_once(archive: str, folder: str) -> None:
         if not done.exists():
             load_cifar10_uint8("image_folder", None, archive, folder)
             done.touch()
+
+
+@pytest.fixture(autouse=True)
+def _a_signal_stops_the_suite(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a test stops the suite with pytest's own summary.
+
+    A test that runs train.py's or eval.py's main() in this process installs the project's handlers
+    (interrupts.raise_on_signals), and the run turns the signal into its own clean exit (130 / 143), which
+    the test sees as a failed assertion: the suite would go on, and the handlers, left installed, would do
+    the same to every later test. So each test's handlers are put back after it, and a signal a run
+    handled during it ends the session."""
+    from cifar_speedrun.operations import interrupts
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.last_signal = None
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    if interrupts.last_signal is not None and request.node.get_closest_marker("sends_itself_signals") is None:
+        name = signal.Signals(interrupts.last_signal).name
+        pytest.exit(f"interrupted by {name} during {request.node.nodeid}", returncode=128 + interrupts.last_signal)
 
 
 @pytest.fixture(scope="session")

@@ -616,6 +616,7 @@ def test_the_classifier_takes_uint8_or_unit_floats_and_refuses_the_rest(tmp_path
 
 
 # ================================================================ cleanup survives a second signal
+@pytest.mark.sends_itself_signals
 def test_a_cleanup_finishes_through_two_signals_then_the_interruption_arrives(tmp_path: Path) -> None:
     import shutil
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -284,3 +285,32 @@ def test_compare_says_in_words_whether_the_difference_is_significant() -> None:
     assert "significant at the 5% level" in text and "not significant" not in text
     same = report_lib.compare(_rows(2), "1", "2")
     assert "not significant at the 5% level" in same
+
+
+# ---------------------------------------------------------------- make test stops on Ctrl-C and SIGTERM
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize("where", ["inside a run", "outside a run"])
+def test_a_signal_stops_the_test_suite_with_its_summary(signum: int, where: str, tmp_path: Path) -> None:
+    """`make test` is pytest: a signal must stop it with pytest's own summary, also while a test runs train.py's
+    main() in-process (whose handlers turn the signal into the run's clean exit) and after such a test."""
+    ready = tmp_path / "ready"
+    selected = "a_run_that_handles or after_it" if where == "inside a run" else "between_tests"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+         str(REPO / "tests" / "signal_probe.py"), "-k", selected],
+        cwd=REPO, env={**os.environ, "SIGNAL_PROBE_READY": str(ready)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        # as from a terminal: a shell's background job (CI's) ignores SIGINT, and children would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.1)
+    child.send_signal(signum)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode != 0, out
+    assert ready.read_text() in ("ready", "waiting"), "no test runs after the signal"
+    import re
+
+    assert re.search(r"^\d+ (passed|deselected).* in [\d.]+s", out, re.MULTILINE), out[-2000:]  # pytest's summary
+    name = signal.Signals(signum).name
+    assert f"interrupted by {name}" in out or "KeyboardInterrupt" in out, out[-2000:]  # Ctrl-C between tests: pytest's

@@ -34,7 +34,14 @@ class RunInterrupted(BaseException):
         return 128 + self.signum
 
 
+# The last signal the handler below turned into RunInterrupted: a caller that runs runs in its own
+# process and must itself stop on Ctrl-C (the test suite) reads it after the run has handled it.
+last_signal: int | None = None
+
+
 def _raise(signum: int, frame: FrameType | None) -> None:
+    global last_signal
+    last_signal = signum
     raise RunInterrupted(signum)
 
 
