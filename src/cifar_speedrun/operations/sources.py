@@ -23,8 +23,10 @@ from cifar_speedrun.operations.layout import CIFAR10_CLASSES, IMAGE_EXTENSIONS
 
 # Decoding 60,000 JPEGs takes ~30 s: say how far it is, a line every this many images.
 PROGRESS_EVERY = 10_000
-# Bump when the cache file layout changes, so old caches are rebuilt instead of misread.
-CACHE_FORMAT = 1
+# Bump when the cache file layout changes, so old caches are rebuilt instead of misread. 2: each split's
+# shapes, dtypes and sha256 are stored beside its tensors and checked on every load.
+CACHE_FORMAT = 2
+SPLIT_TENSORS = ("train_x", "train_y", "test_x", "test_y")
 
 
 @dataclass
@@ -38,14 +40,73 @@ class Cifar10Uint8:
     source_id: str
 
     def as_dict(self) -> dict[str, Any]:
+        """What the cache file holds: the tensors, and what they must be (shapes, dtypes, checksums).
+
+        torch.load does not check the zip's CRCs, so a cache rewritten by hand or damaged on disk
+        would load as if it were right; the stored description lets every load prove its content.
+        """
+        tensors = {key: getattr(self, key) for key in SPLIT_TENSORS}
         return {
             "format": CACHE_FORMAT,
             "source_id": self.source_id,
-            "train_x": self.train_x,
-            "train_y": self.train_y,
-            "test_x": self.test_x,
-            "test_y": self.test_y,
+            **tensors,
+            "shapes": {key: list(value.shape) for key, value in tensors.items()},
+            "dtypes": {key: str(value.dtype) for key, value in tensors.items()},
+            "sha256": {split: split_checksum(tensors[f"{split}_x"], tensors[f"{split}_y"])
+                       for split in ("train", "test")},
         }
+
+
+def split_checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 over one split's images and labels as stored (shape, dtype and bytes): ~0.3 s for CIFAR-10.
+
+    Shapes and dtypes are hashed too, so the same bytes read as another layout do not match.
+    """
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype.str}{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def cache_problem(blob: Any, source_id: str) -> str | None:
+    """Why a loaded cache file must not be used (a few words, one line), or None when it proves its content.
+
+    Checked in order of cost: the layout version and source, each tensor's type, dtype and shape (against
+    CIFAR's (N, 3, 32, 32) uint8 images and N int64 labels, and against the shapes stored when it was
+    written), the label range 0..9, then each split's sha256. Without this a cache whose labels were
+    rewritten trains on wrong labels without a word, and one of the wrong shape fails deep in training.
+    """
+    if not isinstance(blob, dict):
+        return f"it holds a {type(blob).__name__}, not a cache"
+    if blob.get("format") != CACHE_FORMAT:
+        return f"its layout is format {blob.get('format')!r}, not {CACHE_FORMAT}"
+    if blob.get("source_id") != source_id:
+        return f"it holds {blob.get('source_id')!r}, not {source_id}"
+    shapes, dtypes, sums = blob.get("shapes"), blob.get("dtypes"), blob.get("sha256")
+    if not (isinstance(shapes, dict) and isinstance(dtypes, dict) and isinstance(sums, dict)):
+        return "it records no shapes, dtypes or checksums (written before they were kept)"
+    expected_dtype = {"x": torch.uint8, "y": torch.int64}
+    for key in SPLIT_TENSORS:
+        value = blob.get(key)
+        if not isinstance(value, torch.Tensor):
+            return f"{key} is {type(value).__name__}, not a tensor"
+        if value.dtype != expected_dtype[key[-1]] or str(value.dtype) != dtypes.get(key):
+            return f"{key} is {value.dtype}, expected {expected_dtype[key[-1]]} (recorded {dtypes.get(key)})"
+        if list(value.shape) != shapes.get(key):
+            return f"{key} has shape {tuple(value.shape)}, recorded {shapes.get(key)}"
+    for split in ("train", "test"):
+        x, y = blob[f"{split}_x"], blob[f"{split}_y"]
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32) or y.ndim != 1 or len(x) != len(y) or not len(y):
+            return (f"{split} has images {tuple(x.shape)} and labels {tuple(y.shape)}; expected (N, 3, 32, 32) "
+                    "and (N,)")
+        if int(y.min()) < 0 or int(y.max()) > 9:
+            return f"{split} labels fall outside 0..9 ({int(y.min())}..{int(y.max())})"
+    for split in ("train", "test"):
+        if split_checksum(blob[f"{split}_x"], blob[f"{split}_y"]) != sums.get(split):
+            return f"the {split} images or labels do not match their sha256"
+    return None
 
 
 # The held-out validation images are the same in every run (any seed, any setting), so runs are compared
@@ -329,15 +390,17 @@ def load_cifar10_uint8(
     if storage.exists(target):
         try:
             blob = storage.load_tensors(target)
-            if blob.get("format") == CACHE_FORMAT and blob.get("source_id") == source_id:
-                data = Cifar10Uint8(**{k: blob[k] for k in ("train_x", "train_y", "test_x", "test_y")},
-                                    source_id=source_id)
-                if verbose:
-                    print(f"[data] loaded cached CIFAR-10 ({source_id}) from {target} "
-                          f"in {time.perf_counter() - start:.2f}s")
-                return data
+            problem = cache_problem(blob, source_id)
         except Exception as error:  # a truncated or foreign file: rebuild it rather than fail
-            print(f"[data] ignoring unreadable cache {target} ({type(error).__name__}); rebuilding it")
+            problem = f"unreadable: {type(error).__name__}"
+        if problem is None:
+            data = Cifar10Uint8(**{key: blob[key] for key in SPLIT_TENSORS}, source_id=source_id)
+            if verbose:
+                print(f"[data] loaded cached CIFAR-10 ({source_id}) from {target}, checked "
+                      f"in {time.perf_counter() - start:.2f}s")
+            return data
+        # The cache is derived data: rebuilding it from the source is always right, and says so.
+        print(f"[data] cache {target} is corrupt ({problem}): rebuilding it from the source", flush=True)
     if source == "torchvision":
         arrays = _load_torchvision(str(root))
     else:

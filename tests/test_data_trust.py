@@ -1,0 +1,133 @@
+"""Data a run can trust, one class of fault at a time, each through the mechanism that covers it.
+
+Classes: a decoded cache whose content is not what was decoded (torch.load does not check the zip's
+CRCs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cifar_speedrun.operations import sources as sources_lib
+from cifar_speedrun.operations.layout import CIFAR10_CLASSES
+from cifar_speedrun.operations.sources import load_cifar10_uint8, source_identity
+
+
+def _image_folder(root: Path, per_class: int = 3) -> Path:
+    """A tiny CIFAR-shaped dataset: distinct images, so a wrong label or image changes the checksum."""
+    for split in ("train", "test"):
+        for label, name in enumerate(CIFAR10_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), color=(label * 20, i * 50, 7)).save(folder / f"{i}.png")
+    return root
+
+
+# ================================================================ the cache proves its content
+def _cached(tmp_path: Path) -> tuple[Path, Path, sources_lib.Cifar10Uint8]:
+    folder = _image_folder(tmp_path / "c")
+    cache = tmp_path / "cache"
+    first = load_cifar10_uint8("image_folder", None, str(folder), str(cache), verbose=False)
+    return folder, next(cache.glob("*.pt")), first
+
+
+def _rewrite(cache_file: Path, change) -> None:
+    blob = torch.load(cache_file, weights_only=True)
+    change(blob)
+    torch.save(blob, cache_file)
+
+
+def _reseal(blob: dict) -> None:
+    """What a careful forger does: record the new shapes and checksums too."""
+    blob["shapes"] = {key: list(blob[key].shape) for key in sources_lib.SPLIT_TENSORS}
+    blob["sha256"] = {split: sources_lib.split_checksum(blob[f"{split}_x"], blob[f"{split}_y"])
+                      for split in ("train", "test")}
+
+
+def _shifted_labels(blob: dict) -> None:
+    blob["train_y"] = (blob["train_y"] + 1) % 10  # the old checksum kept
+
+
+def _cropped_images(blob: dict) -> None:
+    blob["train_x"] = blob["train_x"][:, :, :16, :16].contiguous()
+    _reseal(blob)
+
+
+def _one_image_fewer(blob: dict) -> None:
+    blob["train_x"] = blob["train_x"][:-1].clone()  # the recorded shapes kept
+
+
+def _labels_out_of_range(blob: dict) -> None:
+    blob["test_y"] = blob["test_y"] + 10
+    _reseal(blob)
+
+
+def _float_images(blob: dict) -> None:
+    blob["test_x"] = blob["test_x"].float()
+    blob["dtypes"]["test_x"] = "torch.float32"
+    _reseal(blob)
+
+
+def _written_before_checksums(blob: dict) -> None:
+    for key in ("shapes", "dtypes", "sha256"):
+        del blob[key]
+
+
+@pytest.mark.parametrize("change,reason", [
+    (_shifted_labels, "do not match their sha256"),
+    (_cropped_images, "expected (N, 3, 32, 32)"),
+    (_one_image_fewer, "train_x has shape (29, 3, 32, 32), recorded [30, 3, 32, 32]"),
+    (_labels_out_of_range, "test labels fall outside 0..9"),
+    (_float_images, "test_x is torch.float32, expected torch.uint8"),
+    (_written_before_checksums, "records no shapes, dtypes or checksums"),
+], ids=["labels (y+1)%10 with the old checksum", "wrong shapes, resealed", "wrong count", "labels out of range",
+        "wrong dtype", "old format without checksums"])
+def test_a_cache_that_is_not_what_was_decoded_is_rebuilt_with_one_line(tmp_path: Path, capsys, change,
+                                                                       reason: str) -> None:
+    folder, cache_file, first = _cached(tmp_path)
+    _rewrite(cache_file, change)
+    capsys.readouterr()
+    again = load_cifar10_uint8("image_folder", None, str(folder), str(tmp_path / "cache"), verbose=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "corrupt" in line]
+    assert len(lines) == 1 and str(cache_file) in lines[0] and reason in lines[0], lines
+    assert "rebuilding it from the source" in lines[0]
+    for key in sources_lib.SPLIT_TENSORS:
+        assert torch.equal(getattr(again, key), getattr(first, key)), key
+    assert sources_lib.cache_problem(torch.load(cache_file, weights_only=True), first.source_id) is None, "rebuilt"
+
+
+def test_a_sound_cache_loads_checked_without_decoding(tmp_path: Path, capsys, monkeypatch) -> None:
+    folder, cache_file, first = _cached(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(sources_lib, "_load_image_folder", fail)
+    again = load_cifar10_uint8("image_folder", None, str(folder), str(tmp_path / "cache"))
+    assert "loaded cached CIFAR-10" in capsys.readouterr().out
+    assert torch.equal(again.train_y, first.train_y)
+
+
+def test_an_older_cache_version_is_left_alone_and_not_read(tmp_path: Path, capsys) -> None:
+    """A v1 file (no checksums) of the same source is another file name: never read, never deleted
+    (another checkout's older code may still use it)."""
+    folder = _image_folder(tmp_path / "c")
+    cache = tmp_path / "cache"
+    source_id = source_identity("image_folder", str(folder))
+    old = cache / f"cifar10-{source_id}-v1.pt"
+    cache.mkdir()
+    torch.save({"format": 1, "source_id": source_id, "train_x": torch.zeros(1)}, old)
+    data = load_cifar10_uint8("image_folder", None, str(folder), str(cache))
+    assert data.train_x.shape == (30, 3, 32, 32) and old.exists()
+    assert "decoded CIFAR-10" in capsys.readouterr().out
+
+
+def test_the_real_cache_proves_its_content(real_data, archive: str, cache_dir: str) -> None:
+    blob = torch.load(sources_lib.cache_file(cache_dir, real_data.source_id), weights_only=True)
+    assert sources_lib.cache_problem(blob, real_data.source_id) is None
+    assert blob["shapes"]["train_x"] == [50_000, 3, 32, 32] and blob["dtypes"]["train_y"] == "torch.int64"
