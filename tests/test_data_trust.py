@@ -1,20 +1,26 @@
 """Data a run can trust, one class of fault at a time, each through the mechanism that covers it.
 
 Classes: a decoded cache whose content is not what was decoded (torch.load does not check the zip's
-CRCs).
+CRCs), and a resume on other data than the checkpoint was trained on.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, run_train
 from PIL import Image
 
+from cifar_speedrun.errors import UserError
 from cifar_speedrun.operations import sources as sources_lib
 from cifar_speedrun.operations.layout import CIFAR10_CLASSES
 from cifar_speedrun.operations.sources import load_cifar10_uint8, source_identity
+from cifar_speedrun.records import resume as resume_lib
 
 
 def _image_folder(root: Path, per_class: int = 3) -> Path:
@@ -131,3 +137,56 @@ def test_the_real_cache_proves_its_content(real_data, archive: str, cache_dir: s
     blob = torch.load(sources_lib.cache_file(cache_dir, real_data.source_id), weights_only=True)
     assert sources_lib.cache_problem(blob, real_data.source_id) is None
     assert blob["shapes"]["train_x"] == [50_000, 3, 32, 32] and blob["dtypes"]["train_y"] == "torch.int64"
+
+
+# ================================================================ resume refuses other data
+def _checkpoint(source_id: str, path: str) -> dict:
+    return {"Cifar10DataModule": {"source_id": source_id},
+            "hyper_parameters": {"run_config": {"config": {"data": {"source": "image_folder", "path": path}}}}}
+
+
+def test_resume_compares_the_data_content_not_its_path(tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "c")
+    source_id = source_identity("image_folder", str(folder))
+    copy = shutil.copytree(folder, tmp_path / "elsewhere")
+    resume_lib.check_same_data(_checkpoint(source_id, str(folder)),
+                               {"data": {"source": "image_folder", "path": str(copy)}}, "last.ckpt")
+    with pytest.raises(UserError) as info:
+        resume_lib.check_same_data(_checkpoint(source_id, str(folder)),
+                                   {"data": {"source": "torchvision", "path": None}}, "last.ckpt")
+    message = str(info.value)
+    assert source_id in message and "torchvision-official" in message and "\n" not in message
+    # A checkpoint written before the identity was recorded cannot be compared: it is let through.
+    resume_lib.check_same_data({}, {"data": {"source": "torchvision"}}, "last.ckpt")
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    names = ["results.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "csv/metrics.csv", "checkpoints/last.ckpt"]
+    return {name: (run_dir / name).read_bytes() for name in names if (run_dir / name).exists()}
+
+
+@pytest.mark.slow
+def test_resume_on_another_archive_is_refused_and_on_a_copy_continues(tmp_path: Path, archive: str,
+                                                                      cache_dir: str) -> None:
+    run_dir = tmp_path / "run"
+    first = run_train([*TINY, f"hydra.run.dir={run_dir}"], tmp_path, cache_dir, archive)  # 1 epoch; resumed to 2
+    assert first.returncode == 0, first.stderr[-3000:]
+    trained_on = json.loads((run_dir / "results.json").read_text())["source_id"]
+    assert trained_on == source_identity("image_folder", archive)
+
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(_image_folder(tmp_path / "small"), arcname="cifar10")
+    before = _snapshot(run_dir)
+    refused = run_train([f"hydra.run.dir={run_dir}", "resume=true", "epochs=2"], tmp_path, cache_dir, str(other))
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    other_id = source_identity("image_folder", str(other))
+    assert trained_on in errors[0] and other_id in errors[0] and f"data.path={archive}" in errors[0]
+    assert _snapshot(run_dir) == before, "a refused resume writes nothing"
+
+    copy = Path(shutil.copy(archive, tmp_path / "copy-of-cifar10.tar.gz"))
+    resumed = run_train([f"hydra.run.dir={run_dir}", "resume=true", "epochs=2"], tmp_path, cache_dir, str(copy))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "ok" and record["epochs"] == 2 and record["source_id"] == trained_on

@@ -225,8 +225,23 @@ def _directory_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+# An archive's digest per (path, inode, size, mtime): resume checks the data before training and the data
+# module hashes it again; the second time costs nothing. Folders are read again (their files may change).
+_ARCHIVE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _archive_digest(location: Path) -> str:
+    info = location.stat()
+    key = (str(location.resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _ARCHIVE_DIGESTS:
+        _ARCHIVE_DIGESTS[key] = _sha256_file(location)
+    return _ARCHIVE_DIGESTS[key]
+
+
 def source_identity(source: str, path: str | None) -> str:
-    """A short key naming exactly which data a cache file holds."""
+    """A short key naming exactly which data a cache file holds, from the content, not the path: a copy of
+    an archive elsewhere is the same data; another archive at the same path is not. Checkpoints record it,
+    so a resume on other data is refused (records/resume.py)."""
     if source == "torchvision":
         # The official release is one fixed file (torchvision checks its md5), wherever it is stored.
         return "torchvision-official"
@@ -236,7 +251,7 @@ def source_identity(source: str, path: str | None) -> str:
             from cifar_speedrun.operations.archive import check_archive_size
 
             check_archive_size(location)
-        fingerprint = _sha256_file(location) if location.is_file() else _directory_fingerprint(location)
+        fingerprint = _archive_digest(location) if location.is_file() else _directory_fingerprint(location)
         return f"image_folder-{fingerprint[:16]}"
     raise UserError(f"data.source={source!r} is not a data source; use data.source=torchvision or image_folder")
 
