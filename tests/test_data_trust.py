@@ -1,7 +1,8 @@
 """Data a run can trust, one class of fault at a time, each through the mechanism that covers it.
 
 Classes: a decoded cache whose content is not what was decoded (torch.load does not check the zip's
-CRCs), and a resume on other data than the checkpoint was trained on.
+CRCs), a resume on other data than the checkpoint was trained on, and validation images that move with
+the run's seed or subset (or overlap another run's training images).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, run_train
+from hydra.utils import instantiate
 from PIL import Image
 
 from cifar_speedrun.errors import UserError
 from cifar_speedrun.operations import sources as sources_lib
 from cifar_speedrun.operations.layout import CIFAR10_CLASSES
-from cifar_speedrun.operations.sources import load_cifar10_uint8, source_identity
+from cifar_speedrun.operations.sources import load_cifar10_uint8, source_identity, split_training_set
 from cifar_speedrun.records import resume as resume_lib
 
 
@@ -190,3 +192,42 @@ def test_resume_on_another_archive_is_refused_and_on_a_copy_continues(tmp_path: 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "ok" and record["epochs"] == 2 and record["source_id"] == trained_on
+
+
+# ================================================================ validation images fixed by the data alone
+def test_validation_images_are_the_same_in_every_run_and_never_trained_on(real_data) -> None:
+    labels = real_data.train_y
+    runs = [(subset, mode, seed) for subset in (None, 1000, 30_000) for mode in ("per_class", "random")
+            for seed in (0, 1)]
+    validations, trained = [], set()
+    for subset, mode, seed in runs:
+        train, validation = split_training_set(labels, subset, mode, seed, 2000)
+        validations.append(validation)
+        trained |= set(train.tolist())
+        assert len(train) == (subset or 48_000) and len(set(train.tolist())) == len(train)
+    assert all(torch.equal(validation, validations[0]) for validation in validations), "the same in every run"
+    assert not trained & set(validations[0].tolist()), "no run trains on a validation image"
+    assert torch.equal(torch.bincount(labels[validations[0]]), torch.full((10,), 200))
+    bigger = split_training_set(labels, None, "per_class", 0, 5000)[1]
+    assert set(validations[0].tolist()) <= set(bigger.tolist()), "a larger split holds the smaller one out too"
+    random_a = split_training_set(labels, 1000, "random", 0, 2000)[0]
+    assert not torch.equal(random_a, split_training_set(labels, 1000, "random", 1, 2000)[0]), "seeds still differ"
+
+
+def test_a_subset_larger_than_what_is_left_is_one_line() -> None:
+    labels = torch.arange(10).repeat_interleave(100)
+    with pytest.raises(UserError, match=r"data.subset=950 must be between 1 and 900 .*data.val_split=100"):
+        split_training_set(labels, 950, "per_class", 0, 100)
+
+
+def test_the_data_module_holds_out_the_same_images_for_any_seed(archive: str, cache_dir: str, compose_cfg) -> None:
+    held = []
+    for seed, mode in ((0, "per_class"), (1, "random")):
+        dm = instantiate(compose_cfg("data.source=image_folder", f"seed={seed}", f"data.subset_mode={mode}",
+                                     "data.subset=1000", "data.val_split=500", "data.batch_size=100",
+                                     "data.test_subset=100").data)
+        dm.setup("fit")
+        assert dm.num_train_images == 1000 and dm.num_val_images == 500
+        assert not set(dm.train_indices.tolist()) & set(dm.val_indices.tolist())
+        held.append(dm.val_indices)
+    assert torch.equal(held[0], held[1])

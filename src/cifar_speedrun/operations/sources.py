@@ -109,17 +109,19 @@ def cache_problem(blob: Any, source_id: str) -> str | None:
     return None
 
 
-# The held-out validation images are the same in every run (any seed, any setting), so runs are compared
-# on the same images; this seed only picks them.
+# The held-out validation images are a function of the training labels and data.val_split alone: the same
+# in every run (any seed, data.subset, data.subset_mode), so runs are compared on the same images and no
+# run trains on another run's validation images. This seed only picks them.
 VALIDATION_SEED = 20240611
 
 
 def validation_split(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, validation indices): `size` training images held out, size/10 of each class, drawn
-    uniformly within each class with a fixed seed (`VALIDATION_SEED`), both sorted.
+    """(rest, validation): indices into the whole training set; `size` images held out, size/10 of each
+    class, drawn uniformly within each class with a fixed seed (`VALIDATION_SEED`), both sorted.
 
-    Class-balanced so a small split still measures every class; fixed so a hyperparameter search
-    judges every trial on the same images. Taken after `data.subset`, from what would be trained on.
+    Class-balanced so a small split still measures every class; fixed by the data alone so a
+    hyperparameter search judges every trial on the same images. Called on all the training labels,
+    before any subset is drawn (`split_training_set`): the subset comes from the rest.
     """
     if size >= len(labels):
         raise UserError(f"data.val_split={size} would hold out all {len(labels)} training images: use fewer "
@@ -130,14 +132,32 @@ def validation_split(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, tor
     held = []
     for c, count in enumerate(per_class):
         members = torch.nonzero(labels == c).flatten()
-        if count > len(members):
+        if count >= len(members):
             raise UserError(f"data.val_split={size} asks {count} images of class {c}, which has {len(members)} "
-                            "training images: lower data.val_split or raise data.subset")
+                            "training images: lower data.val_split")
         held.append(members[torch.randperm(len(members), generator=generator)[:count]])
     validation = torch.cat(held).sort().values
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[validation] = False
     return torch.nonzero(keep).flatten(), validation
+
+
+def split_training_set(labels: torch.Tensor, subset: int | None, subset_mode: str, seed: int,
+                       val_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation): indices into the whole training set for one run.
+
+    The validation images are held out of all the training images first (`validation_split`: fixed by
+    the data), then `data.subset` images are drawn from the rest (per class or seeded), so no run's
+    training images are any run's validation images. Without data.val_split the validation is empty.
+    """
+    rest, validation = (validation_split(labels, val_split) if val_split
+                        else (torch.arange(len(labels)), torch.empty(0, dtype=torch.long)))
+    if subset:
+        if val_split and not 0 < subset <= len(rest):
+            raise UserError(f"data.subset={subset} must be between 1 and {len(rest)} (the training images left "
+                            f"after data.val_split={val_split}): lower data.subset or data.val_split")
+        rest = rest[select_subset(labels[rest], int(subset), subset_mode, seed)]
+    return rest, validation
 
 
 # ----------------------------------------------------------------------------------------------------
