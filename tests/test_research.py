@@ -50,7 +50,7 @@ def test_a_run_with_a_validation_split_records_val_beside_test_everywhere(tmp_pa
                         "data.batch_size=128", "data.val_split=200", "data.test_subset=300", "epochs=2",
                         "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"], tmp_path, cache_dir, archive)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "val 200 (held out)" in result.stdout and "train 824" in result.stdout
+    assert "val 200 (held out)" in result.stdout and "train 1,024" in result.stdout, "data.subset from the rest"
     record = json.loads((run / "results.json").read_text())
     assert record["val_images"] == 200 and 0 <= record["val_acc"] <= 1
     assert all("val_acc" in entry and "val_loss" in entry and "test_acc" in entry for entry in record["history"])

@@ -23,8 +23,10 @@ from cifar_speedrun.operations.layout import CIFAR10_CLASSES, IMAGE_EXTENSIONS
 
 # Decoding 60,000 JPEGs takes ~30 s: say how far it is, a line every this many images.
 PROGRESS_EVERY = 10_000
-# Bump when the cache file layout changes, so old caches are rebuilt instead of misread.
-CACHE_FORMAT = 1
+# Bump when the cache file layout changes, so old caches are rebuilt instead of misread. 2: each split's
+# shapes, dtypes and sha256 are stored beside its tensors and checked on every load.
+CACHE_FORMAT = 2
+SPLIT_TENSORS = ("train_x", "train_y", "test_x", "test_y")
 
 
 @dataclass
@@ -38,27 +40,88 @@ class Cifar10Uint8:
     source_id: str
 
     def as_dict(self) -> dict[str, Any]:
+        """What the cache file holds: the tensors, and what they must be (shapes, dtypes, checksums).
+
+        torch.load does not check the zip's CRCs, so a cache rewritten by hand or damaged on disk
+        would load as if it were right; the stored description lets every load prove its content.
+        """
+        tensors = {key: getattr(self, key) for key in SPLIT_TENSORS}
         return {
             "format": CACHE_FORMAT,
             "source_id": self.source_id,
-            "train_x": self.train_x,
-            "train_y": self.train_y,
-            "test_x": self.test_x,
-            "test_y": self.test_y,
+            **tensors,
+            "shapes": {key: list(value.shape) for key, value in tensors.items()},
+            "dtypes": {key: str(value.dtype) for key, value in tensors.items()},
+            "sha256": {split: split_checksum(tensors[f"{split}_x"], tensors[f"{split}_y"])
+                       for split in ("train", "test")},
         }
 
 
-# The held-out validation images are the same in every run (any seed, any setting), so runs are compared
-# on the same images; this seed only picks them.
+def split_checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 over one split's images and labels as stored (shape, dtype and bytes): ~0.3 s for CIFAR-10.
+
+    Shapes and dtypes are hashed too, so the same bytes read as another layout do not match.
+    """
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype.str}{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def cache_problem(blob: Any, source_id: str) -> str | None:
+    """Why a loaded cache file must not be used (a few words, one line), or None when it proves its content.
+
+    Checked in order of cost: the layout version and source, each tensor's type, dtype and shape (against
+    CIFAR's (N, 3, 32, 32) uint8 images and N int64 labels, and against the shapes stored when it was
+    written), the label range 0..9, then each split's sha256. Without this a cache whose labels were
+    rewritten trains on wrong labels without a word, and one of the wrong shape fails deep in training.
+    """
+    if not isinstance(blob, dict):
+        return f"it holds a {type(blob).__name__}, not a cache"
+    if blob.get("format") != CACHE_FORMAT:
+        return f"its layout is format {blob.get('format')!r}, not {CACHE_FORMAT}"
+    if blob.get("source_id") != source_id:
+        return f"it holds {blob.get('source_id')!r}, not {source_id}"
+    shapes, dtypes, sums = blob.get("shapes"), blob.get("dtypes"), blob.get("sha256")
+    if not (isinstance(shapes, dict) and isinstance(dtypes, dict) and isinstance(sums, dict)):
+        return "it records no shapes, dtypes or checksums (written before they were kept)"
+    expected_dtype = {"x": torch.uint8, "y": torch.int64}
+    for key in SPLIT_TENSORS:
+        value = blob.get(key)
+        if not isinstance(value, torch.Tensor):
+            return f"{key} is {type(value).__name__}, not a tensor"
+        if value.dtype != expected_dtype[key[-1]] or str(value.dtype) != dtypes.get(key):
+            return f"{key} is {value.dtype}, expected {expected_dtype[key[-1]]} (recorded {dtypes.get(key)})"
+        if list(value.shape) != shapes.get(key):
+            return f"{key} has shape {tuple(value.shape)}, recorded {shapes.get(key)}"
+    for split in ("train", "test"):
+        x, y = blob[f"{split}_x"], blob[f"{split}_y"]
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32) or y.ndim != 1 or len(x) != len(y) or not len(y):
+            return (f"{split} has images {tuple(x.shape)} and labels {tuple(y.shape)}; expected (N, 3, 32, 32) "
+                    "and (N,)")
+        if int(y.min()) < 0 or int(y.max()) > 9:
+            return f"{split} labels fall outside 0..9 ({int(y.min())}..{int(y.max())})"
+    for split in ("train", "test"):
+        if split_checksum(blob[f"{split}_x"], blob[f"{split}_y"]) != sums.get(split):
+            return f"the {split} images or labels do not match their sha256"
+    return None
+
+
+# The held-out validation images are a function of the training labels and data.val_split alone: the same
+# in every run (any seed, data.subset, data.subset_mode), so runs are compared on the same images and no
+# run trains on another run's validation images. This seed only picks them.
 VALIDATION_SEED = 20240611
 
 
 def validation_split(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, validation indices): `size` training images held out, size/10 of each class, drawn
-    uniformly within each class with a fixed seed (`VALIDATION_SEED`), both sorted.
+    """(rest, validation): indices into the whole training set; `size` images held out, size/10 of each
+    class, drawn uniformly within each class with a fixed seed (`VALIDATION_SEED`), both sorted.
 
-    Class-balanced so a small split still measures every class; fixed so a hyperparameter search
-    judges every trial on the same images. Taken after `data.subset`, from what would be trained on.
+    Class-balanced so a small split still measures every class; fixed by the data alone so a
+    hyperparameter search judges every trial on the same images. Called on all the training labels,
+    before any subset is drawn (`split_training_set`): the subset comes from the rest.
     """
     if size >= len(labels):
         raise UserError(f"data.val_split={size} would hold out all {len(labels)} training images: use fewer "
@@ -69,14 +132,32 @@ def validation_split(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, tor
     held = []
     for c, count in enumerate(per_class):
         members = torch.nonzero(labels == c).flatten()
-        if count > len(members):
+        if count >= len(members):
             raise UserError(f"data.val_split={size} asks {count} images of class {c}, which has {len(members)} "
-                            "training images: lower data.val_split or raise data.subset")
+                            "training images: lower data.val_split")
         held.append(members[torch.randperm(len(members), generator=generator)[:count]])
     validation = torch.cat(held).sort().values
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[validation] = False
     return torch.nonzero(keep).flatten(), validation
+
+
+def split_training_set(labels: torch.Tensor, subset: int | None, subset_mode: str, seed: int,
+                       val_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation): indices into the whole training set for one run.
+
+    The validation images are held out of all the training images first (`validation_split`: fixed by
+    the data), then `data.subset` images are drawn from the rest (per class or seeded), so no run's
+    training images are any run's validation images. Without data.val_split the validation is empty.
+    """
+    rest, validation = (validation_split(labels, val_split) if val_split
+                        else (torch.arange(len(labels)), torch.empty(0, dtype=torch.long)))
+    if subset:
+        if val_split and not 0 < subset <= len(rest):
+            raise UserError(f"data.subset={subset} must be between 1 and {len(rest)} (the training images left "
+                            f"after data.val_split={val_split}): lower data.subset or data.val_split")
+        rest = rest[select_subset(labels[rest], int(subset), subset_mode, seed)]
+    return rest, validation
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,8 +245,23 @@ def _directory_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+# An archive's digest per (path, inode, size, mtime): resume checks the data before training and the data
+# module hashes it again; the second time costs nothing. Folders are read again (their files may change).
+_ARCHIVE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _archive_digest(location: Path) -> str:
+    info = location.stat()
+    key = (str(location.resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _ARCHIVE_DIGESTS:
+        _ARCHIVE_DIGESTS[key] = _sha256_file(location)
+    return _ARCHIVE_DIGESTS[key]
+
+
 def source_identity(source: str, path: str | None) -> str:
-    """A short key naming exactly which data a cache file holds."""
+    """A short key naming exactly which data a cache file holds, from the content, not the path: a copy of
+    an archive elsewhere is the same data; another archive at the same path is not. Checkpoints record it,
+    so a resume on other data is refused (records/resume.py)."""
     if source == "torchvision":
         # The official release is one fixed file (torchvision checks its md5), wherever it is stored.
         return "torchvision-official"
@@ -175,7 +271,7 @@ def source_identity(source: str, path: str | None) -> str:
             from cifar_speedrun.operations.archive import check_archive_size
 
             check_archive_size(location)
-        fingerprint = _sha256_file(location) if location.is_file() else _directory_fingerprint(location)
+        fingerprint = _archive_digest(location) if location.is_file() else _directory_fingerprint(location)
         return f"image_folder-{fingerprint[:16]}"
     raise UserError(f"data.source={source!r} is not a data source; use data.source=torchvision or image_folder")
 
@@ -329,15 +425,17 @@ def load_cifar10_uint8(
     if storage.exists(target):
         try:
             blob = storage.load_tensors(target)
-            if blob.get("format") == CACHE_FORMAT and blob.get("source_id") == source_id:
-                data = Cifar10Uint8(**{k: blob[k] for k in ("train_x", "train_y", "test_x", "test_y")},
-                                    source_id=source_id)
-                if verbose:
-                    print(f"[data] loaded cached CIFAR-10 ({source_id}) from {target} "
-                          f"in {time.perf_counter() - start:.2f}s")
-                return data
+            problem = cache_problem(blob, source_id)
         except Exception as error:  # a truncated or foreign file: rebuild it rather than fail
-            print(f"[data] ignoring unreadable cache {target} ({type(error).__name__}); rebuilding it")
+            problem = f"unreadable: {type(error).__name__}"
+        if problem is None:
+            data = Cifar10Uint8(**{key: blob[key] for key in SPLIT_TENSORS}, source_id=source_id)
+            if verbose:
+                print(f"[data] loaded cached CIFAR-10 ({source_id}) from {target}, checked "
+                      f"in {time.perf_counter() - start:.2f}s")
+            return data
+        # The cache is derived data: rebuilding it from the source is always right, and says so.
+        print(f"[data] cache {target} is corrupt ({problem}): rebuilding it from the source", flush=True)
     if source == "torchvision":
         arrays = _load_torchvision(str(root))
     else:

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.operations.sources import Cifar10Uint8, load_cifar10_uint8, select_subset, validation_split
+from cifar_speedrun.operations.sources import Cifar10Uint8, load_cifar10_uint8, select_subset, split_training_set
 from cifar_speedrun.recipe.augment import (
     PAGE_MEAN,
     PAGE_STD,
@@ -82,6 +82,9 @@ class Cifar10DataModule(L.LightningDataModule):
         self._pending_state: dict[str, Any] | None = None
         self._uint8: Cifar10Uint8 | None = None
         self._source_id: str | None = None  # kept after the host copy is dropped
+        # Indices into the whole training set, known after setup: what this run trains on and validates on.
+        self.train_indices: torch.Tensor | None = None
+        self.val_indices: torch.Tensor | None = None
 
     def load_uint8(self) -> Cifar10Uint8:
         if self._uint8 is None:
@@ -101,14 +104,13 @@ class Cifar10DataModule(L.LightningDataModule):
         data = self.load_uint8()
         self._source_id = data.source_id
         self._uint8 = None  # the host copy is not needed once the tensors are on the device
+        # Validation first (fixed by the data), then the subset from the rest: see split_training_set.
+        self.train_indices, self.val_indices = split_training_set(
+            data.train_y, self.subset, self.subset_mode, self.seed, self.val_split)
         train_x, train_y = data.train_x, data.train_y
-        if self.subset:
-            index = select_subset(train_y, int(self.subset), self.subset_mode, self.seed)
-            train_x, train_y = train_x[index], train_y[index]
-        if self.val_split:  # held out of training, evaluated beside the test set every epoch
-            keep, held = validation_split(train_y, self.val_split)
-            val_x, val_y = train_x[held], train_y[held]
-            train_x, train_y = train_x[keep], train_y[keep]
+        if len(self.train_indices) < len(train_y):  # a subset or a split (all of them: used as they are)
+            train_x, train_y = train_x[self.train_indices], train_y[self.train_indices]
+        val_x, val_y = data.train_x[self.val_indices], data.train_y[self.val_indices]  # evaluated every epoch
         test_x, test_y = data.test_x, data.test_y
         if self.test_subset:
             index = select_subset(test_y, int(self.test_subset), "per_class", self.seed, "data.test_subset")

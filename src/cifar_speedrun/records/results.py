@@ -222,6 +222,8 @@ class ResultsWriter(Callback):
             "warmup_seconds": getattr(module, "warmup_seconds", None),
             "step": module.train_step.summary() if getattr(module, "train_step", None) else {"mode": "eager"},
             "data_source": run_config.get("data_source"),
+            # which bytes: the archive's hash (sources.source_identity); a resume on other data is refused
+            "source_id": getattr(trainer.datamodule, "source_id", None) if trainer.datamodule else None,
             "run_keys": run_config.get("run_keys"),
             "wandb_group": run_config.get("wandb_group"),
             "device": device_name(module.device),

@@ -114,3 +114,39 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], current: dict[str, Any]
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
         raise UserError(f"{path} was trained with other settings ({shown}): resume it with its own settings "
                         "(hydra.run.dir=<its run dir> resume=true, without these overrides)")
+    check_same_data(checkpoint, current, path)
+
+
+# Where Lightning keeps the data module's state_dict in a checkpoint (its class's __qualname__); the data
+# module records there which data it trained on (Cifar10DataModule.state_dict's source_id).
+DATAMODULE_KEY = "Cifar10DataModule"
+
+
+def recorded_source_id(checkpoint: dict[str, Any]) -> str | None:
+    """The data a checkpoint was trained on (sources.source_identity), or None for a checkpoint without it."""
+    state = checkpoint.get(DATAMODULE_KEY)
+    value = state.get("source_id") if isinstance(state, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def check_same_data(checkpoint: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    """Refuse to continue a checkpoint on data other than it was trained on.
+
+    data.path is plumbing (a copy of the archive elsewhere is fine), so the config comparison lets it
+    change; what must not change is the content. The identity is the archive's hash (a folder's image
+    digest, or torchvision's official release), computed before anything is trained or written.
+    """
+    recorded = recorded_source_id(checkpoint)
+    data = current.get("data") if isinstance(current.get("data"), dict) else {}
+    if recorded is None or not data.get("source"):
+        return  # a checkpoint from before the identity was recorded, or a config without data: nothing to compare
+    from cifar_speedrun.operations.sources import source_identity
+
+    now = source_identity(str(data["source"]), data.get("path"))
+    if now != recorded:
+        where = f"data.path={data.get('path')}" if data["source"] == "image_folder" else f"data.source={data['source']}"
+        saved = ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get("config") or {}
+        then = (saved.get("data") or {}).get("path") if isinstance(saved, dict) else None
+        fix = f"data.path={then}, if it still holds that archive" if then else "data.path=<that archive>"
+        raise UserError(f"{path} was trained on {recorded}, but {where} is {now}: resume on the data it was trained "
+                        f"on ({fix}), or start a new run")
