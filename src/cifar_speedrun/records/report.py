@@ -7,7 +7,10 @@
 Page's warning (part 8): one run's test accuracy has sd ≈ 0.15%, larger than most single tricks'
 effect, so a comparison means nothing without the spread over seeds. Runs are grouped by their
 configuration (every override except the seed), in the order the sweep launched them; failed runs
-are counted and listed, never silently dropped.
+are counted and listed, never silently dropped; runs still running are listed apart and left out of the
+means. Every run is checked as a `run_records.RunRecord` (finite numbers in range, exact types) whether
+it comes from results.json or a runs CSV, and every CSV the report writes is spreadsheet-safe
+(run_records.write_csv_rows).
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ from typing import Any
 from scipy import stats
 
 from cifar_speedrun.config.hydra_job import config_key
+from cifar_speedrun.records.run_records import (
+    CsvInputError,
+    RecordError,
+    RunRecord,
+    check_record,
+    finite,
+    read_records,
+    write_csv_rows,
+)
 
 
 @dataclass
@@ -38,7 +50,7 @@ class Run:
     train_seconds: float | None
     time_to_target: float | None
     target_acc: float | None
-    seed: Any
+    seed: int | None
     error: str | None
     epochs: int | None = None
     width: float | None = None
@@ -48,6 +60,8 @@ class Run:
     wandb_group: str | None = None
     val_acc: float | None = None  # with data.val_split: accuracy on the held-out training images
     history: list[dict[str, Any]] = field(default_factory=list)  # per epoch (results.json only)
+    # train loss per epoch (1-based, as history counts), from csv/metrics.csv beside results.json
+    epoch_train_loss: dict[int, float] = field(default_factory=dict)
 
 
 # One row per run: what a results/ CSV holds, enough to rebuild the table and audit each run.
@@ -62,6 +76,7 @@ class Row:
     config: str
     runs: list[Run] = field(default_factory=list)
     failed: list[Run] = field(default_factory=list)
+    running: list[Run] = field(default_factory=list)  # not finished: in no mean, not a failure
 
     @property
     def accuracies(self) -> list[float]:
@@ -180,33 +195,66 @@ def _job_number(path: Path, root: Path) -> int:
     return 10**9
 
 
-def _number_or_none(result: dict[str, Any], key: str) -> float | None:
-    value = result.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key}={value!r} is not a finite number")
-    return float(value)
-
-
 def _unreadable(path: Path, root: Path, reason: str) -> Run:
     return Run(path, _job_number(path, root), "unreadable", str(path.parent.name), None, None, None, None, None,
                f"{path}: {reason}")
 
 
+# results.json's names for the record's fields, so a refusal names the key as the file spells it
+_JSON_NAMES = {"configuration": "overrides", "data": "data_source", "commit": "git_commit",
+               "width": "config.model.width"}
+
+
+def _run_from_record(record: RunRecord, path: Path, job: int, **extra: Any) -> Run:
+    return Run(path=path, job=job, status=record.status, config_key=record.configuration, test_acc=record.test_acc,
+               train_seconds=record.train_seconds, time_to_target=record.time_to_target,
+               target_acc=record.target_acc, seed=record.seed, error=record.error, epochs=record.epochs,
+               width=record.width, data=record.data, device=record.device, commit=record.commit,
+               val_acc=record.val_acc, **extra)
+
+
+def epoch_train_losses(results_path: Path, history: list[dict[str, Any]]) -> dict[int, float]:
+    """The run's mean train loss per epoch (1-based, as results.json's history counts epochs).
+
+    results.json's history has an entry only for the epochs that were evaluated, and `train_loss` only in
+    those (a CPU proxy evaluates once, at its end: one point). The CSV logger (logger=csv, the default)
+    writes `train/loss` after every epoch into csv/metrics.csv beside results.json, with Lightning's
+    0-based `epoch`; that file is read when present, the history fills in when it is not (another logger).
+    """
+    losses = {int(entry["epoch"]): float(entry["train_loss"]) for entry in history
+              if finite(entry.get("train_loss")) and finite(entry.get("epoch"))}
+    try:
+        with open(results_path.parent / "csv" / "metrics.csv", newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    epoch, loss = int(float(row.get("epoch") or "")), float(row.get("train/loss") or "")
+                except (ValueError, OverflowError):
+                    continue  # a row of other metrics (lr, time), logged by step
+                if math.isfinite(loss) and epoch >= 0:
+                    losses[epoch + 1] = loss  # the last row of an epoch wins (a resumed run logs it again)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass
+    return dict(sorted(losses.items()))
+
+
 def _run_from_result(result: dict[str, Any], path: Path, job: int) -> Run:
+    """A results.json as a Run, its fields checked as a RunRecord (ValueError naming the key otherwise)."""
     config = result.get("config") if isinstance(result.get("config"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    return Run(
-        path=path, job=job, status=str(result.get("status")), config_key=_config_key(result),
-        test_acc=_number_or_none(result, "test_acc"), train_seconds=_number_or_none(result, "train_seconds"),
-        time_to_target=_number_or_none(result, "time_to_target"), target_acc=_number_or_none(result, "target_acc"),
-        seed=result.get("seed"),
-        error=result.get("error"), epochs=result.get("epochs"), width=model.get("width"),
-        data=result.get("data_source"), device=result.get("device"), commit=result.get("git_commit"),
-        wandb_group=result.get("wandb_group"), val_acc=_number_or_none(result, "val_acc"),
-        history=[entry for entry in result.get("history") or [] if isinstance(entry, dict)],
-    )
+    values = {"configuration": _config_key(result), "seed": result.get("seed"), "status": result.get("status"),
+              "test_acc": result.get("test_acc"), "train_seconds": result.get("train_seconds"),
+              "time_to_target": result.get("time_to_target"), "target_acc": result.get("target_acc"),
+              "epochs": result.get("epochs"), "width": model.get("width"), "data": result.get("data_source"),
+              "device": result.get("device"), "commit": result.get("git_commit"), "job": job,
+              "error": result.get("error"), "val_acc": result.get("val_acc")}
+    try:
+        record = check_record(values)
+    except RecordError as error:
+        raise ValueError(f"{_JSON_NAMES.get(error.field, error.field)}={error.value!r} {error.problem}") from None
+    history = [entry for entry in result.get("history") or [] if isinstance(entry, dict)]
+    group = result.get("wandb_group")
+    return _run_from_record(record, path, job, wandb_group=group if isinstance(group, str) else None,
+                            history=history, epoch_train_loss=epoch_train_losses(path, history))
 
 
 def load_runs(multirun_dir: str | Path) -> list[Run]:
@@ -233,38 +281,28 @@ def load_runs(multirun_dir: str | Path) -> list[Run]:
     return sorted(runs, key=lambda r: (r.job, str(r.path)))
 
 
-def _number(text: str | None) -> float | None:
-    return None if text in (None, "") else float(text)
-
-
 class ReportError(Exception):
     """A problem with the report's inputs or output folder, said in one line."""
 
 
 def load_runs_csv(path: str | Path) -> list[Run]:
-    """Runs as written by `write_runs_csv`, in file order (the order the table shows them)."""
+    """Runs as written by `write_runs_csv`, in file order (the order the table shows them).
+
+    Every row is checked as strictly as a results.json (run_records.read_records); the first problem
+    refuses the file in one line naming its row, column and the fix.
+    """
     try:
-        return _load_runs_csv(path)
-    except (UnicodeDecodeError, KeyError, ValueError, csv.Error) as error:
+        records = read_records(path)
+    except CsvInputError as error:
+        raise ReportError(str(error)) from None
+    except (UnicodeDecodeError, csv.Error) as error:
         raise ReportError(f"{path} is not a runs CSV written by --export-runs ({type(error).__name__}: {error})") \
             from None
-
-
-def _load_runs_csv(path: str | Path) -> list[Run]:
-    runs = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            seed = row.get("seed")
-            runs.append(Run(
-                path=Path(path), job=int(row.get("job") or len(runs)), status=row.get("status") or "ok",
-                config_key=row["configuration"], test_acc=_number(row.get("test_acc")),
-                train_seconds=_number(row.get("train_seconds")), time_to_target=_number(row.get("time_to_target")),
-                target_acc=_number(row.get("target_acc")), seed=int(seed) if seed not in (None, "") else None,
-                error=row.get("error") or None, epochs=int(row["epochs"]) if row.get("epochs") else None,
-                width=_number(row.get("width")), data=row.get("data") or None, device=row.get("device") or None,
-                commit=row.get("commit") or None, val_acc=_number(row.get("val_acc")),
-            ))
-    return runs
+    except OSError as error:
+        raise ReportError(f"cannot read {path} ({error.strerror or error}): check the path and its permissions") \
+            from None
+    return [_run_from_record(record, Path(path), record.job if record.job is not None else index)
+            for index, (record, _line) in enumerate(records)]
 
 
 def load_sources(sources: Sequence[str | Path]) -> list[Run]:
@@ -282,22 +320,22 @@ def load_sources(sources: Sequence[str | Path]) -> list[Run]:
 def write_runs_csv(runs: list[Run], path: str | Path) -> None:
     """One row per run (configuration, seed, accuracy, seconds, width, data, commit, ...): small enough to
     commit, complete enough for `report <csv>` to rebuild the table."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(RUN_COLUMNS)
-        for run in runs:
-            writer.writerow([run.config_key, run.seed, run.status, run.test_acc, run.train_seconds,
-                             run.time_to_target, run.target_acc, run.epochs, run.width, run.data, run.device,
-                             run.commit, run.job, run.error or "", run.val_acc])
+    write_csv_rows(path, RUN_COLUMNS, ([run.config_key, run.seed, run.status, run.test_acc, run.train_seconds,
+                                        run.time_to_target, run.target_acc, run.epochs, run.width, run.data,
+                                        run.device, run.commit, run.job, run.error or "", run.val_acc]
+                                       for run in runs))
 
 
 def group_runs(runs: list[Run]) -> list[Row]:
-    """One row per configuration, ordered by the first job that ran it (the sweep's order)."""
+    """One row per configuration, ordered by the first job that ran it (the sweep's order).
+
+    A run still running has no final accuracy yet: it is kept apart (listed, in no mean), not failed."""
     rows: dict[str, Row] = {}
     for run in runs:
         row = rows.setdefault(run.config_key, Row(run.config_key))
-        if run.status == "ok" and run.test_acc is not None:
+        if run.status == "running":
+            row.running.append(run)
+        elif run.status == "ok" and run.test_acc is not None:
             row.runs.append(run)
         else:
             row.failed.append(run)
@@ -366,31 +404,68 @@ def _describe(runs: list[Run]) -> str:
             f"Commit: {values('commit')}.")
 
 
+def time_caveat(runs: Sequence[Run]) -> str:
+    """Why these runs' training times may not compare ('' when they all come from one GPU model).
+
+    A time measured on a CPU depends on what else shares its cores (tests, a second run: the proxy's
+    times here vary by 2x with load), and times from different devices (a GPU and a CPU, or 1 and 2
+    threads) measure the devices as much as the recipes. Accuracy does not depend on either.
+    """
+    devices = {run.device for run in runs}
+    if not devices:
+        return ""
+    named = sorted(device for device in devices if device)
+    if len(devices) > 1:
+        unknown = ", and runs with no device recorded" if None in devices else ""
+        cpu = any(device.lower().startswith("cpu") for device in named)
+        return (f"times come from mixed devices ({'; '.join(named)}{unknown}): compare times only between "
+                "runs on the same device" + (", and CPU times only under the same load (shared cores)" if cpu
+                                             else ""))
+    if not named:
+        return ("no device is recorded for these runs, so their times may come from a CPU shared with other "
+                "work: compare times only within one machine and load")
+    if named[0].lower().startswith("cpu"):
+        return (f"times come from a CPU ({named[0]}) whose cores may be shared with other work, so they vary "
+                "with load: compare times only between runs on one machine under the same load")
+    return ""
+
+
+def _finished_runs(rows: list[Row]) -> list[Run]:
+    return [run for row in rows for run in row.runs]
+
+
 def markdown(rows: list[Row], runs: list[Run], source: str) -> str:
     body = table_rows(rows)
     lines = ["| " + " | ".join(columns(rows)) + " |", "|" + "---|" * len(columns(rows))]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
     common = set(rows[0].config.split()).intersection(*[r.config.split() for r in rows[1:]]) if rows else set()
+    running = [run for row in rows for run in row.running]
+    still = f", {len(running)} still running (in no mean)" if running else ""
+    caveat = time_caveat(_finished_runs(rows))
     text = [f"# Report: {source}", "", f"{len(runs)} runs, {sum(len(r.runs) for r in rows)} ok, "
-            f"{sum(len(r.failed) for r in rows)} failed. Shared settings: {' '.join(sorted(common)) or '–'}.",
-            _describe(runs),
+            f"{sum(len(r.failed) for r in rows)} failed{still}. Shared settings: {' '.join(sorted(common)) or '–'}.",
+            _describe(runs), *([f"Times: {caveat}."] if caveat else []),
             "95% CI: Student-t half-width of the mean over seeds; target: results' target_acc.", "", *lines, "",
             power_line(rows)]
     failed = [run for row in rows for run in row.failed]
     if failed:
         text += ["", "## Failed runs", ""]
-        text += [f"- job {run.job} ({run.config_key}, seed {run.seed}): {run.status}: {run.error}" for run in failed]
+        text += [f"- job {run.job} ({run.config_key}, seed {run.seed}): {run.status}"
+                 + (f": {run.error}" if run.error else "") for run in failed]
+    if running:
+        text += ["", "## Still running", ""]
+        text += [f"- job {run.job} ({run.config_key}, seed {run.seed}): running, "
+                 f"{run.epochs if run.epochs is not None else 'no'} epochs done when last written; not in the "
+                 "means: report again when it has ended" for run in running]
     return "\n".join(text) + "\n"
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["configuration", "n", "mean_acc", "std", "ci95", "fraction_reaching_target",
-                         "median_train_seconds", "median_time_to_target", "failed"])
-        for row in rows:
-            writer.writerow([row.config, row.n, row.mean, row.std, row.ci95, row.fraction_reaching_target,
-                             row.median_train_seconds, row.median_time_to_target, len(row.failed)])
+    """The table with numbers as numbers (report.csv), through the one spreadsheet-safe writer."""
+    write_csv_rows(path, ["configuration", "n", "mean_acc", "std", "ci95", "fraction_reaching_target",
+                          "median_train_seconds", "median_time_to_target", "failed"],
+                   ([row.config, row.n, row.mean, row.std, row.ci95, row.fraction_reaching_target,
+                     row.median_train_seconds, row.median_time_to_target, len(row.failed)] for row in rows))
 
 
 def plot(rows: list[Row], path: Path) -> tuple[float, float]:
@@ -399,7 +474,11 @@ def plot(rows: list[Row], path: Path) -> tuple[float, float]:
     Points carry the table's row numbers; the legend says which configuration and n each is, so
     labels never overlap the data even with Page's 8 rows. When the rows are stages (a table like
     Page's), they are joined in order. The accuracy axis stays within [0, 100]; returns its limits.
+    When the times come from a CPU or from mixed devices (`time_caveat`), the title says so under the
+    heading (and the PNG's Description text holds the same words), since a reader compares x positions.
     """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,36 +507,56 @@ def plot(rows: list[Row], path: Path) -> tuple[float, float]:
         span = max(highs) - min(lows)
         ax.set_ylim(max(0.0, min(lows) - 0.15 * span - 0.5), min(100.0, max(highs) + 0.15 * span + 0.5))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_xlabel("median training time (s, evaluation excluded)")
+    caveat = time_caveat([run for _, _, row in shown for run in row.runs])
+    ax.set_xlabel("median training time (s, evaluation excluded)" + ("; see the note above" if caveat else ""))
     ax.set_ylabel("test accuracy (%), mean ± 95% CI over seeds")
-    ax.set_title("time vs accuracy")
+    title = "time vs accuracy"
+    ax.set_title(title + ("\n" + textwrap.fill(f"Note: {caveat}.", 110) if caveat else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Title": title, "Description": caveat})
     limits = ax.get_ylim()
     plt.close(fig)
     return limits
 
 
-def curves(row: Row, key: str) -> tuple[list[int], list[float], list[float]]:
-    """Per epoch: (epochs, mean, 95% CI half-width) of `key` (test_acc, val_acc) over the row's runs.
+def _per_run(run: Run, key: str) -> dict[int, float]:
+    """One run's `key` per epoch: train_loss from every epoch the CSV logger recorded, the rest from history."""
+    if key == "train_loss":
+        return run.epoch_train_loss
+    return {int(entry["epoch"]): float(entry[key]) for entry in run.history
+            if finite(entry.get(key)) and finite(entry.get("epoch"))}
 
-    Only epochs every run evaluated (a proxy evaluates at its end only: one point)."""
+
+def curves(row: Row, key: str) -> tuple[list[int], list[float], list[float]]:
+    """Per epoch: (epochs, mean, 95% CI half-width) of `key` (test_acc, val_acc, test_loss, train_loss) over
+    the row's finished runs.
+
+    Only epochs every run has (a proxy evaluates at its end only: one accuracy point, but a train loss
+    per epoch from csv/metrics.csv). With one run the band is 0 (there is no spread to show)."""
     per_epoch: dict[int, list[float]] = {}
     for run in row.runs:
-        for entry in run.history:
-            value = entry.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "epoch" in entry:
-                per_epoch.setdefault(int(entry["epoch"]), []).append(float(value))
+        for epoch, value in _per_run(run, key).items():
+            per_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(e for e, values in per_epoch.items() if len(values) == len(row.runs))
     means = [statistics.fmean(per_epoch[e]) for e in epochs]
     bands = [0.0 if len(per_epoch[e]) < 2 else confidence_half_width(per_epoch[e]) for e in epochs]
     return epochs, means, bands
 
 
-def plot_curves(rows: list[Row], path: Path) -> None:
-    """Learning curves: test (solid) and validation (dashed) accuracy per epoch, mean ± 95% CI band per
-    configuration; the table's row numbers in the legend. Ten distinct colours (tab10), then repeats."""
+# (key, panel, line style, name, scale): accuracies in % on the left, losses on the right
+CURVES = (("test_acc", 0, "-", "test acc", 100.0), ("val_acc", 0, "--", "val acc", 100.0),
+          ("train_loss", 1, "-", "train loss", 1.0), ("test_loss", 1, "--", "test loss", 1.0))
+
+
+def plot_curves(rows: list[Row], path: Path) -> list[tuple[int, str, int, bool]]:
+    """Learning curves, mean ± 95% CI band over seeds per configuration: test (solid) and validation
+    (dashed) accuracy on the left, train loss (solid) and test loss (dashed) on the right; the table's row
+    numbers in the legend, ten distinct colours (tab10), then repeats. A curve of one epoch (a run that
+    evaluates only at its end) is a point with the CI as an error bar, so its spread still shows.
+
+    Returns what was drawn, (row number, key, epochs, has a band), so a caller can say what is missing.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,30 +564,43 @@ def plot_curves(rows: list[Row], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     labels = _short_labels(rows)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharex=True)  # one epoch axis for both panels
     colours = plt.get_cmap("tab10").colors
+    drawn: list[tuple[int, str, int, bool]] = []
     for number, (label, row) in enumerate(zip(labels, rows, strict=True), start=1):
         colour = colours[(number - 1) % len(colours)]
-        text = label if len(label) <= 48 else label[:47] + "…"
-        for key, style, name in (("test_acc", "-", "test"), ("val_acc", "--", "val")):
+        text = label if len(label) <= 40 else label[:39] + "…"
+        for key, panel, style, name, scale in CURVES:
             epochs, means, bands = curves(row, key)
             if not epochs:
                 continue
-            values = [100 * m for m in means]
-            ax.plot(epochs, values, style, color=colour, marker="o" if len(epochs) == 1 else None,
-                    markersize=4, linewidth=1.4, label=f"{number}: {text} ({name}, n={row.n})")
-            ax.fill_between(epochs, [v - 100 * b for v, b in zip(values, bands, strict=True)],
-                            [v + 100 * b for v, b in zip(values, bands, strict=True)], color=colour, alpha=0.15,
-                            linewidth=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%), mean ± 95% CI over seeds")
-    ax.set_title("learning curves: test (solid), validation (dashed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+            ax = axes[panel]
+            values = [scale * m for m in means]
+            errors = [scale * (0.0 if math.isnan(b) else b) for b in bands]
+            legend = f"{number}: {text} ({name}, n={row.n})"
+            if len(epochs) == 1:
+                ax.errorbar(epochs, values, yerr=errors, fmt="o", color=colour, capsize=4, markersize=4,
+                            label=legend)
+            else:
+                ax.plot(epochs, values, style, color=colour, linewidth=1.4, label=legend)
+                ax.fill_between(epochs, [v - e for v, e in zip(values, errors, strict=True)],
+                                [v + e for v, e in zip(values, errors, strict=True)], color=colour, alpha=0.15,
+                                linewidth=0)
+            drawn.append((number, key, len(epochs), row.n > 1))
+    for ax, ylabel, title in ((axes[0], "accuracy (%)", "test (solid), validation (dashed) accuracy"),
+                              (axes[1], "loss", "train loss (solid), test loss (dashed)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{ylabel}, mean ± 95% CI over seeds")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=1)
+    fig.suptitle("learning curves (bands: 95% CI over seeds; n = 1 has none)")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return drawn
 
 
 def find_row(rows: list[Row], name: str) -> Row:
@@ -566,10 +678,11 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     runs = load_sources(sources)
     if not runs:
-        raise FileNotFoundError(f"no results.json under {', '.join(map(str, sources))}: is it a multirun dir "
-                                "of this project?")
+        raise FileNotFoundError(f"no runs in {', '.join(map(str, sources))}: no results.json under a multirun dir "
+                                "of this project, no row in a runs CSV; check the path")
     rows = group_runs(runs)
     label = " + ".join(str(source) for source in sources)
+    # (multirun_table gives this text for one multirun dir without writing anything)
     text = markdown(rows, runs, label)
     if compare_pair:
         text += "\n" + compare(rows, *compare_pair) + "\n"
@@ -580,7 +693,7 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
         write_csv(rows, prefix.with_suffix(".csv"))
         if any(row.n for row in rows):
             plot(rows, prefix.with_suffix(".png"))
-        if any(run.history for row in rows for run in row.runs):
+        if any(run.history or run.epoch_train_loss for row in rows for run in row.runs):
             plot_curves(rows, prefix.with_name(prefix.name + "-curves.png"))
     except OSError as error:
         raise ReportError(f"cannot write the report into {prefix.parent} ({error.strerror or error}): give a "
@@ -595,6 +708,21 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
         image = prefix.with_suffix(".png")
         upload_to_wandb(rows, runs, label, project, prefix.parent, image if image.is_file() else None)
     return text
+
+
+def multirun_table(sweep_dir: str | Path) -> str:
+    """The report's text for one multirun folder (what report.md holds: the table, the resolution line,
+    failed and still-running runs), written nowhere: for the end of a multirun to print beside its summary.
+
+    Raises ReportError (one line, the fix in it) when the folder is missing or holds no results.json.
+    """
+    try:
+        runs = load_runs(sweep_dir)
+    except FileNotFoundError as error:
+        raise ReportError(str(error)) from None
+    if not runs:
+        raise ReportError(f"no results.json under {sweep_dir}: is it a multirun dir of this project?")
+    return markdown(group_runs(runs), runs, str(sweep_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
