@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_train
+from conftest import REPO, run_train
 
 from cifar_speedrun.config.command_line import validate
 from cifar_speedrun.errors import UserError
@@ -59,23 +67,43 @@ def test_a_run_with_a_validation_split_records_val_beside_test_everywhere(tmp_pa
     assert {"val/acc", "val/loss", "test/acc"} <= set(header), "every logger gets val/*, not val/acc/dataloader_idx_1"
 
 
-SEARCH = ["-m", "hparams_search=proxy", "trainer=cpu", "data.source=image_folder", "model.width=0.03",
-          "data.subset=640", "data.batch_size=64", "data.val_split=100", "data.test_subset=100",
-          "trainer.enable_progress_bar=false", "hydra.sweeper.params.epochs='choice(1,-1)'"]
+SEARCH_BASE = ["-m", "hparams_search=proxy", "trainer=cpu", "data.source=image_folder", "model.width=0.03",
+               "data.subset=640", "data.batch_size=64", "data.val_split=100", "data.test_subset=100",
+               "trainer.enable_progress_bar=false"]
+SEARCH = [*SEARCH_BASE, "hydra.sweeper.params.epochs='choice(1,-1)'"]
+# One epoch for every trial, epochs out of the search (the spelling the refusal of `epochs=1` alone names),
+# and a dotted searched key overridden from the command line.
+FIXED_EPOCHS = [*SEARCH_BASE, "~hydra.sweeper.params.epochs", "epochs=1",
+                'hydra.sweeper.params.optim.lr="float(0.05, 0.5, log)"']
+
+
+def _history(sweep: Path) -> list[dict]:
+    return json.loads((sweep / "search.json").read_text())["history"]
+
+
+def _one_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The refusal's single `error:` line (exit 2, no traceback)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    return errors[0]
 
 
 @pytest.mark.slow
 def test_a_search_judges_on_validation_records_failures_resumes_and_prints_the_command(
         tmp_path: Path, archive: str, cache_dir: str) -> None:
     sweep = tmp_path / "search"
-    first = run_train([*SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir,
+    # epochs=-1 fails (trials 0, 1 and 5 draw it): two failures in a row do not stop a 3-trial search.
+    first = run_train([*SEARCH, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir,
                       archive)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((sweep / "search.json").read_text())
     states = {entry["trial"]: entry["state"] for entry in summary["history"]}
-    assert len(states) == 4 and "FAIL" in states.values() and "COMPLETE" in states.values()
+    assert list(states.values()).count("COMPLETE") == 3, "n_trials counts completed trials"
     failed = [number for number, state in states.items() if state == "FAIL"]
+    assert failed and sorted(summary["failed"]) == sorted(map(str, failed)), "every failure counted"
     assert all("must be" in summary["failed"][str(number)] for number in failed), "the failure's reason is kept"
+    assert f"; {len(failed)} failed." in first.stdout
     values = {entry["trial"]: entry["value"] for entry in summary["history"] if entry["state"] == "COMPLETE"}
     for number, value in values.items():  # the objective is each trial's own validation accuracy
         assert value == json.loads((sweep / str(number) / "results.json").read_text())["val_acc"]
@@ -85,15 +113,166 @@ def test_a_search_judges_on_validation_records_failures_resumes_and_prints_the_c
     assert command in first.stdout and command.startswith("python train.py ")
     assert "hparams_search" not in command and "data.val_split" not in command, "the final run trains on all"
     assert all(f"{key}=" in command for key in summary["best_params"])
-    # Resumed: the same command with more trials runs only the missing one, into the same study.
-    again = run_train([*SEARCH, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir,
+    # Resumed: the same command with more trials runs only the missing ones, into the same study.
+    again = run_train([*SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir,
                       archive)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((sweep / "search.json").read_text())["trials"] == 5
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "4"]
+    resumed = json.loads((sweep / "search.json").read_text())
+    assert resumed["complete"] == 4 and resumed["history"][:len(states)] == summary["history"]
+    assert sorted(int(p.name) for p in sweep.iterdir() if p.is_dir()) == list(range(resumed["trials"]))
     # The report reads a search like any multirun, with a validation column.
     text = report_lib.report(sweep)
     assert "val acc %" in text and "Resolution:" in text and (sweep / "report-curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_resumed_search_draws_what_an_uninterrupted_one_draws_and_keeps_its_configuration(
+        tmp_path: Path, archive: str, cache_dir: str) -> None:
+    one_go, resumed = tmp_path / "one_go", tmp_path / "resumed"
+    for sweep, counts in ((one_go, [4]), (resumed, [2, 4])):
+        for n_trials in counts:
+            result = run_train([*FIXED_EPOCHS, f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={sweep}"],
+                               tmp_path, cache_dir, archive)
+            assert result.returncode == 0, result.stderr[-3000:]
+    drawn = [entry["params"] for entry in _history(resumed)]
+    assert drawn == [entry["params"] for entry in _history(one_go)], "each trial's seed is (study seed, trial)"
+    assert len({json.dumps(params, sort_keys=True) for params in drawn}) == 4, "no trial's parameters repeated"
+    assert all("epochs" not in params and 0.05 <= params["optim.lr"] <= 0.5 for params in drawn)
+    # The study refuses a resume that would measure something else, naming what differs; nothing runs.
+    for changed, named in ((["model.width=0.06", "data.subset=1280"], ["model.width 0.03 (now 0.06)",
+                                                                      "data.subset 640 (now 1280)"]),
+                           (["data.val_split=200"], ["data.val_split 100 (now 200)"]),
+                           (["epochs=2"], ["epochs 1 (now 2)"]),
+                           (['hydra.sweeper.params.optim.lr="float(0.1, 0.5, log)"'], ["search optim.lr"])):
+        refused = run_train([*FIXED_EPOCHS, *changed, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={resumed}"],
+                            tmp_path, cache_dir, archive)
+        error = _one_error(refused)
+        assert "started with another configuration" in error and all(name in error for name in named), error
+    assert len(_history(resumed)) == 4 and not (resumed / "4").exists()
+
+
+def _start_search(args: list[str], cwd: Path, archive: str, cache_dir: str) -> subprocess.Popen[str]:
+    """train.py started as run_train starts it, in its own process group, to be killed."""
+    env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir, "WANDB_MODE": "offline",
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"paths.log_dir={cwd}/logs",
+                             "hydra.job.chdir=false"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_run_is_run_again_on_resume(tmp_path: Path, archive: str, cache_dir: str) -> None:
+    import optuna
+
+    sweep = tmp_path / "search"
+    args = [*FIXED_EPOCHS, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+    process = _start_search(args, tmp_path, archive, cache_dir)
+    try:
+        while process.poll() is None and not (sweep / "1" / ".hydra").exists():  # trial 1 has started
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    study = optuna.load_study(study_name="proxy", storage=f"sqlite:///{sweep / 'search.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "RUNNING"], "killed during trial 1"
+    killed = study.get_trials()[1].params
+    again = run_train(args, tmp_path, cache_dir, archive)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((sweep / "search.json").read_text())
+    assert summary["complete"] == 2 and summary["failed"] == {} and summary["interrupted"] == [1]
+    assert [entry["state"] for entry in summary["history"]] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert summary["history"][2]["rerun_of"] == 1 and summary["history"][2]["params"] == killed
+    assert "1 interrupted and run again" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_trial_fails_even_where_an_older_record_says_ok(tmp_path: Path, archive: str,
+                                                                  cache_dir: str) -> None:
+    sweep = tmp_path / "search"
+    (sweep / "0").mkdir(parents=True)
+    older = {"status": "ok", "val_acc": 0.99, "test_acc": 0.99, "history": []}
+    (sweep / "0" / "results.json").write_text(json.dumps(older))
+    result = run_train([*SEARCH_BASE, "~hydra.sweeper.params.epochs", "epochs=-1", "hydra.sweeper.n_trials=2",
+                        f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir, archive)
+    assert result.returncode == 1, "every trial failed: a run failure"
+    summary = json.loads((sweep / "search.json").read_text())
+    assert [(e["state"], e["value"]) for e in summary["history"]] == [("FAIL", None), ("FAIL", None)]
+    assert sorted(summary["failed"]) == ["0", "1"] and summary["complete"] == 0
+    assert "no trial finished (2 failed" in result.stdout, "the search stops after n_trials failures in a row"
+    assert json.loads((sweep / "0.before-1" / "results.json").read_text()) == older, "nothing written is lost"
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["hydra.sweeper.n_trials=-3"], "hydra.sweeper.n_trials=-3 must be a whole number >= 1"),
+    (['hydra.sweeper.params.epochs="int(5,1)"'], "is empty (low 5 > high 1): give the lower bound first, int(1, 5)"),
+    (['hydra.sweeper.params.optim.lr="float(0, 1, log)"'], "a log range needs low > 0"),
+    (["hydra.sweeper.params.epochs=int(3,4)"], "quote the spec"),
+    (["optim.lr=0.3"], "optim.lr is searched"),
+    (['hydra.sweeper.params.data.cutout_size="int(4,12)"'], "is not searched yet"),
+    (['+hydra.sweeper.params.optim.lrr="float(0.1,0.5)"'], "did you mean hydra.sweeper.params.optim.lr?"),
+    (["seed=0,1"], "a search runs one job per trial"),
+])
+def test_a_mistake_in_the_search_settings_is_one_line(tmp_path: Path, archive: str, cache_dir: str,
+                                                      args: list[str], says: str) -> None:
+    sweep = tmp_path / "s"
+    error = _one_error(run_train([*SEARCH, *args, f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir, archive))
+    assert says in error, error
+    assert not (sweep / "0").exists() and not (sweep / "search.db").exists(), "nothing ran, nothing was written"
+    hinted = re.findall(r"'([^']*)'", error.split(says, 1)[1])
+    if hinted:  # the spelling the line names is taken: the next mistake (a searched key given) is what is said
+        fixed = [arg for arg in args if arg.lstrip("+").split("=", 1)[0] != hinted[0].lstrip("+").split("=", 1)[0]]
+        then = run_train([*SEARCH, *fixed, *shlex.split(f"'{hinted[0]}'"), "optim.lr=0.3",
+                          f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir, archive)
+        assert "optim.lr is searched" in _one_error(then)
+
+
+def _read_only(path: Path) -> None:
+    """Unwritable even for root: the immutable flag where the filesystem has it, else no write permission."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("running as root on a filesystem without chattr +i: nothing is read-only to root here")
+    else:
+        path.chmod(0o444)
+        path.parent.chmod(0o555)
+
+
+def _writable_again(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    else:
+        path.parent.chmod(0o755)
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign", "read_only"])
+def test_a_search_db_that_is_not_a_usable_study_is_refused_untouched(tmp_path: Path, archive: str,
+                                                                     cache_dir: str, kind: str) -> None:
+    import optuna
+
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    db = sweep / "search.db"
+    if kind == "corrupt":
+        db.write_bytes(b"not a database, some notes " * 100)
+    elif kind == "foreign":
+        with sqlite3.connect(db) as connection:
+            connection.execute("CREATE TABLE people (name TEXT)")
+            connection.execute("INSERT INTO people VALUES ('ada')")
+    else:
+        optuna.create_study(study_name="proxy", storage=f"sqlite:///{db}", direction="maximize")
+        _read_only(db)
+    before = db.read_bytes()
+    try:
+        error = _one_error(run_train([*SEARCH, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep}"], tmp_path,
+                                     cache_dir, archive))
+    finally:
+        if kind == "read_only":
+            _writable_again(db)
+    assert {"corrupt": "is not a readable search study", "foreign": "not a search's study (no Optuna tables",
+            "read_only": "cannot be written"}[kind] in error and str(db) in error, error
+    assert "hydra.sweep.dir" in error
+    assert db.read_bytes() == before and not (sweep / "0").exists(), "refused before anything was written"
 
 
 def test_a_search_without_a_validation_split_is_refused(tmp_path: Path, archive: str, cache_dir: str) -> None:

@@ -258,15 +258,17 @@ def _release_memory() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     """One job. In a multirun a failed job is recorded and the sweep goes on; alone, it exits non-zero.
+
+    Returns the job's results record (None when it failed): a sweeper reads what this job did from it,
+    never from a results.json an earlier run may have left in the folder.
 
     An interruption (SIGTERM, SIGINT) stops the whole process, multirun included, with 128 + signal.
     """
     _, multirun = _hydra_context()
     try:
-        result = train(cfg)
-        return result.get("test_acc")
+        return train(cfg)
     except RunInterrupted as interrupt:
         _record_failure(cfg, interrupt, status="interrupted")
         state = _results_state(cfg)

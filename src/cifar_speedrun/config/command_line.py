@@ -198,6 +198,10 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
                         f"(several tricks at once) write it in brackets and quote it, '{key}=[{value}]'; to run one "
                         "job per value add -m"
                     )
+        for override in parsed:
+            if override.is_sweep_override() and override.get_key_element().lstrip("+~").startswith("hydra."):
+                raise UserError(_hydra_sweep_message(override.get_key_element().lstrip("+~"),
+                                                     override.input_line.partition("=")[2]))
         jobs = BasicSweeper.split_arguments(parsed, None)
         first = jobs[0][0] if jobs and jobs[0] else overrides
         GlobalHydra.instance().clear()
@@ -208,16 +212,17 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
         numbered = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
         task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
         OmegaConf.to_container(task, resolve=True)  # every interpolation resolves (no loop, no missing key)
-        sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "")
-        if multirun and "cifar_speedrun_search" in sweeper and not int(OmegaConf.select(cfg, "data.val_split") or 0):
-            raise UserError("hparams_search judges trials on the validation accuracy, but data.val_split=0 holds "
-                            "nothing out: set data.val_split=N, e.g. 5000 (a search never looks at the test set)")
+        _check_search(cfg, parsed, overrides, multirun)
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, RecursionError) as error:
         if full_error():
             raise
         missing = re.search(r"Could not override '([^']+)'", str(error))
+        if missing and missing[1].startswith(_SEARCH_PARAMS + ".") and "+" + missing[1] not in " ".join(overrides):
+            value = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == missing[1]), "...")
+            raise UserError(f"{missing[1]} is not searched yet: add it to the search with a +, "
+                            f"'+{missing[1]}={value}'") from None
         if missing and "+" + missing[1] not in " ".join(overrides):
             raise _unknown_override(missing[1], list(first), config_name) from None
         raise UserError(_one_line(str(error))) from None
@@ -226,6 +231,39 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
     chosen_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = any(_override_key(arg) == chosen_key for arg in overrides)
     return RunFolders(run_dir, chosen, multirun, sum(len(batch) for batch in jobs) if multirun else 1, numbered)
+
+
+_SEARCH_PARAMS = "hydra.sweeper.params"
+
+
+def _hydra_sweep_message(key: str, value: str) -> str:
+    """Hydra sweeps nothing in its own config, and `int(3,4)` / `float(0.1,1)` unquoted are Hydra's own cast
+    of a two-value sweep, not the search's spec: say how to quote a spec, or give one value."""
+    if key.startswith(_SEARCH_PARAMS + "."):
+        return (f"{key}={value} reads as Hydra's own sweep over several values, not a range for the search: quote "
+                f"the spec so it arrives as text, '{key}=\"{value}\"' (single quotes for the shell, double for Hydra)")
+    return f"{key}={value} lists several values, but Hydra's own settings (hydra.*) take one: give {key} one value"
+
+
+def _check_search(cfg: DictConfig, parsed: list, overrides: list[str], multirun: bool) -> None:
+    """A search (hparams_search=...) runs only as a multirun, one job per trial; the rest of its checks
+    (settings, storage, the study's configuration) are the sweeper's own (study.check_search)."""
+    sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "")
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.hparams_search")
+    if "cifar_speedrun_search" not in sweeper:
+        return
+    if not multirun:
+        raise UserError(f"hparams_search={choice} runs a search of many trials: add -m")
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element().lstrip("+~")
+            raise UserError(f"{override.input_line} sweeps several values, but a search runs one job per trial: "
+                            f"give {key} one value (sweep the seeds over the command the search prints at its end)")
+    try:
+        from hydra_plugins.cifar_speedrun_search.study import check_search
+    except ImportError as error:
+        raise UserError(f"hparams_search needs Optuna ({error}): pip install -e '.[search]'") from None
+    check_search(cfg, [o for o in overrides if "=" in o or o.startswith("~")], suggest_key)
 
 
 def validate(cfg: DictConfig) -> TrainSettings:

@@ -4,16 +4,27 @@ lightning-hydra-template's convention (an `hparams_search` config that swaps in 
 on a thin driver over a current Optuna's ask/tell API: Hydra's own Optuna sweeper (1.3) still pins
 optuna < 3, which the rest of the stack no longer installs with. Each trial is one job of the
 multirun (folder `<sweep dir>/<trial number>`, its own results.json, so the report reads a search
-like any multirun); its objective is read from that results.json (`val_acc`: the held-out split,
-never the test set). The study lives in `<sweep dir>/search.db` (SQLite): the same command with the
-same `hydra.sweep.dir` resumes it, counting the trials already finished. A failed trial is recorded
-(Optuna state FAIL, its error in search.json) and the search goes on. At the end the best trial's
-overrides are printed as a ready `python train.py ...` command and written to search.json.
+like any multirun); its objective is the record that job returned (`val_acc`: the held-out split,
+never the test set), never a file an earlier run left in its folder.
+
+The study lives in `<sweep dir>/search.db` (SQLite); the same command with the same `hydra.sweep.dir`
+resumes it. Resuming must give the search an uninterrupted one would have run, so:
+- each trial's sampler is seeded from (sampler_seed, trial number): a resumed search draws new
+  parameters, never the earlier trials' again (a sampler re-seeded as a whole would repeat them);
+- `n_trials` counts COMPLETE trials; a trial the search lost (the process killed or interrupted mid-
+  trial: left RUNNING, or FAIL without an error of its own) is run again with its parameters;
+- a trial that failed on its own (status failed, no objective) is FAIL with its error and the search
+  goes on; after `n_trials` such failures in a row it stops, so a setting that fails every trial
+  cannot loop;
+- the study remembers the configuration it was started with (study.py), and refuses another.
+At the end the best trial's overrides are printed as a ready `python train.py ...` command and
+written, with every trial, to search.json.
 """
 
 import json
 import logging
-import re
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict  # noqa: UP035 - OmegaConf's structured configs read typing.Dict
@@ -21,7 +32,10 @@ from typing import Any, Dict  # noqa: UP035 - OmegaConf's structured configs rea
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
+
+from cifar_speedrun.errors import UserError
+from hydra_plugins.cifar_speedrun_search import study as study_lib
 
 log = logging.getLogger(__name__)
 
@@ -36,43 +50,21 @@ class SearchSweeperConf:
     direction: str = MISSING
     objective: str = MISSING
     study_name: str = MISSING
-    # key -> "float(low, high)", "float(low, high, log)", "int(low, high)" or "choice(a, b, ...)"
-    params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
+    # key -> "float(low, high)", "float(low, high, log)", "int(low, high)" or "choice(a, b, ...)"; nested by
+    # the key's dots (optim: {lr: ...}) so `hydra.sweeper.params.optim.lr=...` overrides one of them.
+    params: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="cifar_search", node=SearchSweeperConf,
                              provider="cifar_speedrun")
 
-_SPEC = re.compile(r"^\s*(float|int|choice)\((.*)\)\s*$")
 
+def trial_seed(sampler_seed: int, number: int) -> int:
+    """The sampler's seed for trial `number`: a function of the study's seed and the trial alone, so the
+    same trial draws the same parameters whether the search ran straight through or was resumed."""
+    import numpy as np
 
-def distribution(key: str, spec: str) -> Any:
-    """'float(0.1, 2.0, log)' -> optuna.distributions.FloatDistribution(0.1, 2.0, log=True), and so on."""
-    import optuna
-
-    match = _SPEC.match(str(spec))
-    if not match:
-        raise ValueError(f"hparams_search: params.{key}={spec!r} is not float(low, high[, log]), int(low, high[, log]) "
-                         "or choice(a, b, ...)")
-    kind, inner = match.group(1), [part.strip() for part in match.group(2).split(",") if part.strip()]
-    if kind == "choice":
-        return optuna.distributions.CategoricalDistribution([_literal(part) for part in inner])
-    log_scale = len(inner) == 3 and inner[2] == "log"
-    if len(inner) not in (2, 3) or (len(inner) == 3 and not log_scale):
-        raise ValueError(f"hparams_search: params.{key}={spec!r}: give low, high and optionally log")
-    low, high = float(inner[0]), float(inner[1])
-    if kind == "int":
-        return optuna.distributions.IntDistribution(int(low), int(high), log=log_scale)
-    return optuna.distributions.FloatDistribution(low, high, log=log_scale)
-
-
-def _literal(text: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text.strip("'\"")
+    return int(np.random.SeedSequence([sampler_seed, number]).generate_state(1)[0])
 
 
 def _override(key: str, value: Any) -> str:
@@ -81,13 +73,21 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+@dataclass
+class _Tally:
+    complete: int
+    failed: dict[int, str]          # trial number -> its own error
+    streak: int                     # trials failed since the last completed one
+    lost: list[Any]                 # FrozenTrials the search lost (killed, interrupted), not yet run again
+    waiting: int
+
+
 class SearchSweeper(Sweeper):
-    def __init__(self, n_trials: int, sampler_seed: int, direction: str, objective: str, study_name: str,
-                 params: dict[str, str]) -> None:
+    def __init__(self, n_trials: Any, sampler_seed: Any, direction: Any, objective: Any, study_name: Any,
+                 params: Any) -> None:
         super().__init__()
-        self.n_trials, self.sampler_seed, self.direction = int(n_trials), int(sampler_seed), str(direction)
-        self.objective, self.study_name = str(objective), str(study_name)
-        self.params = {str(key): str(value) for key, value in (params or {}).items()}
+        self.settings = {"n_trials": n_trials, "sampler_seed": sampler_seed, "direction": direction,
+                         "objective": objective, "study_name": study_name, "params": params}
         self.config: DictConfig | None = None
         self.launcher: Any = None
 
@@ -97,73 +97,159 @@ class SearchSweeper(Sweeper):
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
                                                                 task_function=task_function, config=config)
-        if self.objective.startswith("val") and not int(OmegaConf.select(config, "data.val_split") or 0):
-            raise ValueError("hparams_search: the objective is the validation accuracy, but data.val_split=0 holds "
-                             "nothing out: set data.val_split=N (a search never looks at the test set)")
 
     def sweep(self, arguments: list[str]) -> Any:
+        """Run the search; a mistake found here (train.py's checks found it first, unless the folder changed
+        in between) is one `error:` line and exit 2, like every other."""
+        try:
+            return self._search(arguments)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    def _search(self, arguments: list[str]) -> Any:
         import optuna
 
         assert self.config is not None and self.launcher is not None
-        distributions = {key: distribution(key, spec) for key, spec in self.params.items()}
-        swept = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") in distributions]
-        if swept:
-            raise ValueError(f"hparams_search: {swept[0]} is searched; drop it from the command line")
+        spec = study_lib.parse_search(self.settings)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        db = sweep_dir / study_lib.DB_NAME
+        configuration = study_lib.measured_configuration(self.config, spec)
+        stored = study_lib.check_study(db, spec, configuration)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=self.study_name, storage=f"sqlite:///{sweep_dir / 'search.db'}",
-                                    load_if_exists=True, direction=self.direction,
-                                    sampler=optuna.samplers.TPESampler(seed=self.sampler_seed))
+        try:
+            study = optuna.create_study(study_name=spec.study_name, storage=f"sqlite:///{db}", load_if_exists=True,
+                                        direction=spec.direction)
+        except (RuntimeError, ValueError, optuna.exceptions.OptunaError) as error:  # e.g. a newer Optuna's schema
+            raise UserError(f"{db} cannot be opened as the study {spec.study_name!r}: {str(error).splitlines()[0]}; "
+                            "move it away or choose another hydra.sweep.dir") from None
+        if stored is None or stored.configuration is None:
+            if stored is not None:
+                log.warning(f"{db} records no configuration (an older version made it): recording this command's")
+            study.set_user_attr("configuration", configuration)
+        legacy = self._legacy_errors(sweep_dir)
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a search interrupted mid-trial
-        finished = len(study.get_trials(deepcopy=False))
-        errors: dict[int, str] = self._recorded_errors(sweep_dir)
-        while finished < self.n_trials:
-            trial = study.ask(distributions)
-            overrides = [*arguments, *(_override(key, value) for key, value in trial.params.items())]
-            self.launcher.launch([overrides], initial_job_idx=trial.number)
-            value, error = self._objective(sweep_dir / str(trial.number) / "results.json")
-            if value is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                errors[trial.number] = error
-                log.warning(f"trial {trial.number} failed ({error}); the search goes on")
-            else:
-                study.tell(trial, value)
-            finished += 1
-        return self._summary(study, arguments, sweep_dir, errors)
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # the process running it is gone
+        while True:
+            tally = self._tally(study, legacy)
+            if tally.complete >= spec.n_trials:
+                break
+            if tally.streak >= spec.n_trials:
+                log.warning(f"{tally.streak} trials failed in a row: the search stops (see {sweep_dir}/search.json)")
+                break
+            if tally.lost and not tally.waiting:
+                lost = tally.lost[0]
+                study.enqueue_trial(lost.params, user_attrs={"rerun_of": lost.number})
+                log.warning(f"trial {lost.number} was not finished (stopped mid-trial): running it again")
+            elif not tally.waiting:  # a fresh trial: its own seed
+                study.sampler = optuna.samplers.TPESampler(
+                    seed=trial_seed(spec.sampler_seed, len(study.get_trials(deepcopy=False))))
+            self._run_trial(study, spec, arguments, sweep_dir)
+        return self._summary(study, spec, arguments, sweep_dir, legacy)
 
-    def _objective(self, results: Path) -> tuple[float | None, str]:
-        try:
-            record = json.loads(results.read_text())
-        except (OSError, ValueError) as error:
-            return None, f"no readable results.json ({type(error).__name__})"
-        if record.get("status") != "ok":
-            return None, f"status {record.get('status')}: {record.get('error')}"
-        value = record.get(self.objective)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return None, f"results.json has no {self.objective}"
-        return float(value), ""
-
-    @staticmethod
-    def _recorded_errors(sweep_dir: Path) -> dict[int, str]:
-        try:
-            return {int(k): v for k, v in json.loads((sweep_dir / "search.json").read_text())["failed"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
-
-    def _summary(self, study: Any, arguments: list[str], sweep_dir: Path, errors: dict[int, str]) -> dict[str, Any]:
+    def _run_trial(self, study: Any, spec: study_lib.SearchSpec, arguments: list[str], sweep_dir: Path) -> None:
         import optuna
 
-        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        trial = study.ask(spec.space)
+        folder = sweep_dir / str(trial.number)
+        self._move_aside(folder)
+        overrides = [*arguments, *(_override(key, value) for key, value in trial.params.items())]
+        try:
+            returns = self.launcher.launch([overrides], initial_job_idx=trial.number)
+        except BaseException:  # interrupted (SIGINT, SIGTERM): lost, run again on resume
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        value, error = self._objective(returns[0] if returns else None, folder, spec.objective)
+        if value is None:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.warning(f"trial {trial.number} failed ({error}); the search goes on")
+        else:
+            study.tell(trial, value)
+
+    @staticmethod
+    def _move_aside(folder: Path) -> None:
+        """A trial number is new, so its folder should be too; one left by an earlier run (a search whose
+        search.db was removed, another multirun) is renamed, not overwritten or read as this trial's."""
+        if not folder.exists():
+            return
+        for suffix in range(1, 1000):
+            target = folder.with_name(f"{folder.name}.before-{suffix}")
+            if not target.exists():
+                shutil.move(str(folder), str(target))
+                log.warning(f"{folder} held an earlier run: moved to {target} (nothing is overwritten)")
+                return
+        raise UserError(f"{folder} and 999 renamed copies beside it exist: choose another hydra.sweep.dir")
+
+    @staticmethod
+    def _objective(job: Any, folder: Path, objective: str) -> tuple[float | None, str]:
+        """The trial's value from what its job returned now (train.py returns the results record); the error
+        of a failed one from the results.json it wrote (its folder was empty before the trial)."""
+        from hydra.core.utils import JobStatus
+
+        record = job.return_value if job is not None and job.status == JobStatus.COMPLETED else None
+        if isinstance(record, dict) and record.get("status") == "ok":
+            value = record.get(objective)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value), ""
+            return None, f"the run recorded no {objective}"
+        try:
+            written = json.loads((folder / "results.json").read_text())
+            return None, f"status {written.get('status')}: {written.get('error')}"
+        except (OSError, ValueError, AttributeError):
+            return None, "the trial ended without a results record"
+
+    @staticmethod
+    def _tally(study: Any, legacy: dict[int, str]) -> _Tally:
+        import optuna
+
+        state = optuna.trial.TrialState
+        trials = study.get_trials(deepcopy=False)
+        rerun = {t.user_attrs.get("rerun_of") for t in trials}
+        failed: dict[int, str] = {}
+        lost = []
+        streak = 0
+        for t in sorted(trials, key=lambda t: t.number):
+            if t.state == state.COMPLETE:
+                streak = 0
+            if t.state != state.FAIL:
+                continue
+            error = t.user_attrs.get("error") or legacy.get(t.number)
+            if error:
+                failed[t.number] = str(error)
+                streak += 1
+            elif t.number not in rerun and set(t.params) == set(t.distributions) and t.params:
+                lost.append(t)
+        return _Tally(sum(t.state == state.COMPLETE for t in trials), failed, streak, lost,
+                      sum(t.state == state.WAITING for t in trials))
+
+    @staticmethod
+    def _legacy_errors(sweep_dir: Path) -> dict[int, str]:
+        """Failures an older version recorded only in search.json (not in the study)."""
+        try:
+            return {int(k): str(v) for k, v in json.loads((sweep_dir / "search.json").read_text())["failed"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def _summary(self, study: Any, spec: study_lib.SearchSpec, arguments: list[str], sweep_dir: Path,
+                 legacy: dict[int, str]) -> dict[str, Any]:
+        import optuna
+
+        tally = self._tally(study, legacy)
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        lost = [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL and t.number not in tally.failed]
         summary: dict[str, Any] = {
-            "study": self.study_name, "objective": self.objective, "direction": self.direction,
-            "trials": len(study.get_trials(deepcopy=False)), "complete": len(complete),
-            "failed": {str(number): error for number, error in sorted(errors.items())},
-            "history": [{"trial": t.number, "state": t.state.name, "value": t.value,
-                         "params": t.params} for t in study.get_trials(deepcopy=False)],
+            "study": spec.study_name, "objective": spec.objective, "direction": spec.direction,
+            "n_trials": spec.n_trials, "trials": len(trials), "complete": len(complete),
+            "failed": {str(number): error for number, error in sorted(tally.failed.items())},
+            "interrupted": lost,
+            "history": [{"trial": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                         **({"rerun_of": t.user_attrs["rerun_of"]} if "rerun_of" in t.user_attrs else {})}
+                        for t in trials],
         }
+        failed = f"{len(tally.failed)} failed" + (f", {len(lost)} interrupted and run again" if lost else "")
         if complete:
             best = study.best_trial
             # The chosen setting, to train on the whole training set and score on the test set: without the
@@ -173,11 +259,11 @@ class SearchSweeper(Sweeper):
             command = "python train.py " + " ".join([*kept, *(_override(k, v) for k, v in best.params.items())])
             summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
                            best_command=command)
-            print(f"[search] best of {len(complete)} trials: trial {best.number}, {self.objective} "
-                  f"{100 * best.value:.2f}%; {len(errors)} failed. Train it on all training images and score it on "
+            print(f"[search] best of {len(complete)} trials: trial {best.number}, {spec.objective} "
+                  f"{100 * best.value:.2f}%; {failed}. Train it on all training images and score it on "
                   f"the test set (add seed=0,1,2 and -m for n = 3) with:\n"
                   f"  {command}", flush=True)
         else:
-            print(f"[search] no trial finished ({len(errors)} failed): see {sweep_dir}/search.json", flush=True)
+            print(f"[search] no trial finished ({failed}): see {sweep_dir}/search.json", flush=True)
         (sweep_dir / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
