@@ -222,6 +222,18 @@ def test_eval_of_last_ckpt_and_model_pt_reproduces_every_runs_own_accuracy(swept
 
 
 @pytest.mark.slow
+def test_a_run_shorter_than_its_averaging_says_the_average_never_started(swept_runs) -> None:
+    """Its accuracy is the raw weights': results.json says the average had 0 updates (and the run printed it)."""
+    updates = {}
+    for run in swept_runs["shorter than the averaging's start"]:
+        record = json.loads((run / "results.json").read_text())
+        updates.update({key: value for key, value in record.items() if key.endswith("_updates")})
+    assert updates == {"ema_updates": 0, "lookahead_updates": 0}, updates
+    averaged = [json.loads((run / "results.json").read_text()) for run in swept_runs["averaging"]]
+    assert all(r.get("ema_updates", 1) > 0 and r.get("lookahead_updates", 1) > 0 for r in averaged)
+
+
+@pytest.mark.slow
 def test_a_mid_run_checkpoint_holds_what_the_run_evaluated_then(swept_runs, tmp_path: Path, cache_dir: str) -> None:
     """Every epoch's checkpoint of the EMA and lookahead runs scores that epoch's own test accuracy."""
     paths, expected = [], {}

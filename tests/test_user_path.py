@@ -66,6 +66,7 @@ def test_single_run_logs_to_wandb_with_flat_keys_tags_lr_and_summary(tmp_path: P
     assert not any(key.startswith("final/") for key in record["history_keys"]), "final values are not history"
     results = json.loads((run_dir / "results.json").read_text())
     assert json.loads(record["summary"]["final/test_acc"]) == pytest.approx(results["test_acc"])
+    assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text(), "README: every run writes csv/metrics.csv"
 
 
 @pytest.mark.slow
@@ -244,6 +245,10 @@ def test_debug_smoke_runs_apart_from_real_results(tmp_path: Path, archive: str, 
     fdr = run_train(["debug=fdr", "data.source=image_folder", "trainer=cpu", "model.width=0.125",
                      "experiment=page_final"], tmp_path, cache_dir, archive)
     assert fdr.returncode == 0, fdr.stderr[-3000:]
+    run_line = next(line for line in fdr.stdout.splitlines() if line.startswith("[run]"))
+    assert "1 training batch of 512 and 1 evaluation batch" in run_line and "not the configured 10 epochs" in run_line
+    done = next(line for line in fdr.stdout.splitlines() if line.startswith("[done]"))
+    assert "ran without error" in done and "test acc" not in done, done
 
 
 @pytest.mark.slow
@@ -253,6 +258,9 @@ def test_multirun_says_how_many_jobs_failed(tmp_path: Path, archive: str, cache_
     assert some.returncode == 0
     assert "[multirun] 1 of 2 jobs ok, 1 of 2 jobs failed:" in some.stdout
     assert "job 1: failed (FloatingPointError: loss became NaN/inf" in some.stdout
+    table = [line for line in some.stdout.splitlines() if line.startswith("|")]  # the report's table, printed
+    assert len(table) >= 3 and "optim.lr=0.4" in "\n".join(table), some.stdout[-3000:]
+    assert some.stdout.index(table[0]) < some.stdout.index("[multirun] 1 of 2 jobs ok"), "the table, then the summary"
     everything = run_train(["-m", *TINY, "optim.lr=1e30", f"hydra.sweep.dir={tmp_path}/all"], tmp_path, cache_dir,
                            archive)
     assert everything.returncode == 1 and "0 of 1 jobs ok, 1 of 1 jobs failed" in everything.stdout
@@ -314,3 +322,23 @@ def test_a_signal_stops_the_test_suite_with_its_summary(signum: int, where: str,
     assert re.search(r"^\d+ (passed|deselected).* in [\d.]+s", out, re.MULTILINE), out[-2000:]  # pytest's summary
     name = signal.Signals(signum).name
     assert f"interrupted by {name}" in out or "KeyboardInterrupt" in out, out[-2000:]  # Ctrl-C between tests: pytest's
+
+
+def test_epochs_given_to_a_stage_says_it_replaces_the_rows_own(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`epochs=` beside a stage (or a stage sweep) replaces each row's own epochs: the run says so."""
+    from test_faults import _main
+
+    from cifar_speedrun import train as train_lib
+
+    printed: list[str] = []
+    monkeypatch.setattr(train_lib, "_fit", lambda cfg, run: (train_lib._say_if_epochs_replace_a_rows(cfg), {})[1])
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: printed.append(" ".join(map(str, args))))
+    code, stderr = _main([*TINY, "stage=s3_celu_ghost_bn", f"hydra.run.dir={tmp_path}/run"], monkeypatch, capsys)
+    assert code == 0, stderr
+    assert any("epochs=1 from the command line replaces the 18 epochs stage=s3_celu_ghost_bn trains" in line
+               for line in printed), printed
+    printed.clear()
+    without_epochs = [a for a in TINY if not a.startswith(("epochs=", "optim.schedule"))]
+    code, stderr = _main([*without_epochs, "stage=s3_celu_ghost_bn", f"hydra.run.dir={tmp_path}/run2"], monkeypatch,
+                         capsys)
+    assert code == 0 and not any("replaces" in line for line in printed), printed

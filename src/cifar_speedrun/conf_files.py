@@ -43,3 +43,24 @@ def evaluation_tricks() -> list[str]:
     """The tricks that change how a trained net is evaluated, not how it trains: those setting `tta.*` only."""
     return [name for name in trick_names()
             if keys_set_by_trick(name) and all(key.startswith("tta.") for key in keys_set_by_trick(name))]
+
+
+def epochs_set_by(group: str, choice: str) -> float | None:
+    """The `epochs` conf/<group>/<choice>.yaml gives a run (its own, or the row it builds on), or None.
+
+    Stages and experiments build on one another through their defaults lists (`- /stage/s2_...`); a file's
+    own key comes after them (`_self_` last), so its own `epochs`, if any, wins."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / group / f"{choice}.yaml"
+    if not path.is_file():
+        return None
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if isinstance(data.get("epochs"), (int, float)):
+        return float(data["epochs"])
+    found = None
+    for entry in data.get("defaults") or []:
+        if isinstance(entry, str) and entry.lstrip("/").split("/")[0] in ("stage", "experiment"):
+            base_group, _, base = entry.lstrip("/").partition("/")
+            found = epochs_set_by(base_group, base) if base else found
+    return found

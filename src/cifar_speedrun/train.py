@@ -142,6 +142,7 @@ def _fit(cfg: DictConfig, run: TrainSettings) -> dict[str, Any]:
     ckpt_path, checkpoint = _checkpoint_to_resume(cfg)
     tracking.check_wandb(cfg)
     overrides, _ = _hydra_context()
+    _say_if_epochs_replace_a_rows(cfg)
     tricks = list(cfg.get("applied_tricks") or {})
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("deterministic"):
@@ -178,10 +179,26 @@ def _fit(cfg: DictConfig, run: TrainSettings) -> dict[str, Any]:
                  if result.get(key) is not None}
         if trainer.is_global_zero:
             tracking.log_final(loggers, final, trainer.global_step)
-            print(tracking.end_line(result, writer.path), flush=True)
+            print(tracking.end_line(result, writer.path, fast_dev_run=bool(trainer.fast_dev_run)), flush=True)
         return result
     finally:
         _finish_loggers(loggers)
+
+
+def _say_if_epochs_replace_a_rows(cfg: DictConfig) -> None:
+    """`epochs=` on the command line replaces the epochs a chosen stage or experiment trains (every row of a
+    stage sweep alike): a line says so, since Page's rows differ in their epochs on purpose."""
+    from cifar_speedrun.conf_files import epochs_set_by
+
+    if not any(override.lstrip("+~").split("=", 1)[0] == "epochs" for override in hydra_job.job_overrides()):
+        return
+    for group in ("stage", "experiment"):
+        choice = hydra_job.choices().get(group)
+        own = epochs_set_by(group, choice) if choice else None
+        if own is not None and own != float(cfg.epochs):
+            print(f"[run] epochs={float(cfg.epochs):g} from the command line replaces the {own:g} epochs {group}="
+                  f"{choice} trains (its schedule follows the new length)", flush=True)
+            return
 
 
 def _results_path(cfg: DictConfig) -> str:

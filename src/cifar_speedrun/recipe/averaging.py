@@ -124,6 +124,16 @@ class _GuardedAveraging(WeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._has_average():
             super().on_train_end(trainer, pl_module)
+        elif self._average_model is not None and trainer.is_global_zero:
+            # A run shorter than the averaging's start: say so, or its accuracy reads as the trick's.
+            name = type(self).__name__
+            print(f"[{name.lower()}] the average never started ({self.updates} updates in "
+                  f"{trainer.global_step} steps): this run was evaluated and saved with its own weights, so its "
+                  f"accuracy says nothing about {name}; train longer than its start", flush=True)
+
+    def results_entry(self) -> dict[str, Any]:
+        """results.json's `<name>_updates`: how many times the average was updated (0: it never started)."""
+        return {f"{type(self).__name__.lower()}_updates": self.updates}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """The checkpoint's `state_dict` is what the run evaluates at this point.

@@ -1,4 +1,5 @@
-"""The end of a multirun: how many of its jobs failed, and the command that reports it.
+"""The end of a multirun: how many of its jobs failed, its table of mean ± CI over seeds, and the command
+that writes the report (table, CSV, plot).
 
 A failed job records itself (results.json with status 'failed') and the sweep goes on, so without a
 summary a sweep of 24 jobs with 3 failures ends looking like a success. Registered as a Hydra
@@ -42,8 +43,19 @@ def summary_lines(sweep_dir: Path, outcomes: list[tuple[str, str, str | None]]) 
     lines = [f"[multirun] {len(outcomes) - len(failed)} of {len(outcomes)} jobs ok"
              + (f", {len(failed)} of {len(outcomes)} jobs failed:" if failed else "")]
     lines += [f"  job {job}: {status}{f' ({error})' if error else ''}" for job, status, error in failed]
-    lines.append(f"[multirun] table of mean ± CI over seeds: python -m cifar_speedrun.records.report {sweep_dir}")
+    lines.append(f"[multirun] report (table, CSV, plot): python -m cifar_speedrun.records.report {sweep_dir}")
     return lines
+
+
+def table_lines(sweep_dir: Path) -> list[str]:
+    """The report's table of this multirun's folder, as report.md would hold it; a folder the report cannot
+    read gives its one-line reason instead (the summary above has already said what each job did)."""
+    from cifar_speedrun.records.report import ReportError, multirun_table
+
+    try:
+        return multirun_table(sweep_dir).rstrip().splitlines()
+    except ReportError as error:
+        return [f"[multirun] no table: {error}"]
 
 
 class MultirunSummary(Callback):
@@ -58,7 +70,7 @@ class MultirunSummary(Callback):
         if not sweep_dir.is_dir():
             return
         outcomes = job_outcomes(sweep_dir, self.started)
-        for line in summary_lines(sweep_dir, outcomes):
+        for line in [*(table_lines(sweep_dir) if outcomes else []), *summary_lines(sweep_dir, outcomes)]:
             print(line, flush=True)
         if outcomes and all(status != "ok" for _, status, _ in outcomes):
             raise SystemExit(1)

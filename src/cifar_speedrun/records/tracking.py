@@ -197,6 +197,15 @@ class StartLine(Callback):
             f"each epoch) · {self.epochs:g} epochs · {where}, {trainer.precision}, {_step_words(pl_module)} · tricks: "
             f"{', '.join(active) or 'none'}{off} · output: {self.output_dir}"
         )
+        if trainer.fast_dev_run:  # debug=fdr: Lightning runs a few batches, whatever the epochs and data say
+            batches_run = int(trainer.fast_dev_run)
+            self.line = (
+                f"[run] debug=fdr (Lightning's fast_dev_run): {batches_run} training batch"
+                f"{'es' if batches_run > 1 else ''} of {batches.batch_size * batches.world_size} and {batches_run} "
+                f"evaluation batch{'es' if batches_run > 1 else ''} of {self.model_name} width {self.width} "
+                f"({_count(parameters)} parameters), to find a crash, not the configured {self.epochs:g} epochs "
+                f"over {_count(train_images)} images; its accuracy means nothing · {where}, {trainer.precision} · "
+                f"output: {self.output_dir}")
         if trainer.is_global_zero:
             print(self.line, flush=True)
 
@@ -227,7 +236,10 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def end_line(result: dict[str, Any], results_path: str) -> str:
+def end_line(result: dict[str, Any], results_path: str, fast_dev_run: bool = False) -> str:
+    if fast_dev_run:
+        return (f"[done] debug=fdr: one batch of training and of evaluation ran without error (no accuracy: it "
+                f"means nothing after one batch) · results: {results_path}")
     accuracy = result.get("test_acc")
     seconds = result.get("train_seconds")
     acc = f"{100 * accuracy:.2f}%" if accuracy is not None else "–"
