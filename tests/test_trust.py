@@ -325,12 +325,18 @@ def test_a_non_disk_os_error_is_raised_once_not_as_its_own_cause(tmp_path: Path,
     ("paths.checkpoint_dir={file}", "cannot use paths.checkpoint_dir={file}: {file} is a file, not a folder"),
     ("hydra.run.dir={tmp}/" + "x" * 300, "a name in it is longer than the filesystem allows"),
     ("hydra.run.dir={file}/run", "{file} is a file, not a folder"),
-], ids=["cache dir is a file", "checkpoint dir is a file", "300-character folder name", "run dir under a file"])
+    ("logger.csv.save_dir={file}", "cannot use logger.csv.save_dir={file}: {file} is a file, not a folder"),
+    ("logger=tensorboard logger.tensorboard.save_dir={file}/tb",
+     "cannot use logger.tensorboard.save_dir={file}/tb: {file} is a file, not a folder"),
+    ("logger=wandb logger.wandb.save_dir={file}", "cannot use logger.wandb.save_dir={file}: {file} is a file"),
+], ids=["cache dir is a file", "checkpoint dir is a file", "300-character folder name", "run dir under a file",
+        "csv logger's folder", "tensorboard's folder", "W&B's folder"])
 def test_places_that_cannot_be_used_exit_2_at_once(setting: str, message: str, tmp_path: Path, archive: str,
                                                    cache_dir: str) -> None:
     file = tmp_path / "a-file"
     file.write_text("in the way")
-    result = run_train([*TINY, setting.format(file=file, tmp=tmp_path)], tmp_path, cache_dir, archive, timeout=180)
+    result = run_train([*TINY, *setting.format(file=file, tmp=tmp_path).split()], tmp_path, cache_dir, archive,
+                       timeout=180, env={"WANDB_MODE": "offline"})
     assert result.returncode == 2 and message.format(file=file) in _one_error_line(result.stderr)
 
 
@@ -513,8 +519,10 @@ def test_a_decompression_bomb_header_is_one_line(tmp_path: Path, monkeypatch, ca
     (["optim.lr=${optim.lr}"], "Recursive interpolation detected"),
     (["optim.lr=${optim.nothing}"], "Interpolation key 'optim.nothing' not found"),
     (["trainer.precision=16-mixed"], "trainer.precision=16-mixed is fp16 autocast, which needs CUDA"),
+    (["tags=[héllo]"], "tags=[héllo] cannot be read as a Hydra override: quote a value"),
+    (["tags=[paper,日本]"], "tags=[paper,日本] cannot be read as a Hydra override: quote a value"),
 ], ids=["top-level typo", "nested typo", "typo in data", "unquoted list", "recursive interpolation",
-        "missing interpolation", "fp16 on a CPU"])
+        "missing interpolation", "fp16 on a CPU", "accent unquoted", "other script unquoted"])
 def test_mistakes_are_one_line_with_the_fix(argv, message, tmp_path: Path, monkeypatch, capsys) -> None:
     code, stderr = _main([*TINY, *argv, f"hydra.run.dir={tmp_path}/run"], monkeypatch, capsys)
     assert code == 2 and message in _one_error_line(stderr)
@@ -555,7 +563,7 @@ def test_sigterm_before_the_first_checkpoint_does_not_offer_a_resume(tmp_path: P
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     line = _one_error_line(stderr)
-    assert process.returncode == 143 and "no epoch had finished, so there is no checkpoint" in line
+    assert process.returncode == 143 and "no checkpoint had been written when it stopped" in line
     assert "resume=true" not in line and not (run_dir / "checkpoints" / "last.ckpt").exists()
 
 

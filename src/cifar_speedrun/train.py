@@ -137,6 +137,9 @@ def _fit(cfg: DictConfig, run: TrainSettings) -> dict[str, Any]:
     if checkpointing is not None and checkpointing.get("dirpath"):
         storage.check_writable(str(checkpointing.dirpath), "paths.checkpoint_dir (callbacks.checkpoint.dirpath)")
     storage.check_writable(str(cfg.data.cache_dir), "paths.cache_dir (data.cache_dir)")
+    for name, logger in (cfg.get("logger") or {}).items():  # a logger's own folder: one line, not its library's
+        if logger is not None and logger.get("save_dir"):  # traceback, a 'log -1' or W&B's silent temp folder
+            storage.check_writable(str(logger.save_dir), f"logger.{name}.save_dir")
     for folder in (str(cfg.paths.output_dir), str(cfg.paths.checkpoint_dir)):
         storage.remove_stale(folder)  # temporary files of a run of this folder that was killed
     ckpt_path, checkpoint = _checkpoint_to_resume(cfg)
@@ -250,7 +253,7 @@ def _how_to_continue(cfg: DictConfig) -> str:
     except Exception:  # an unreachable remote folder: say nothing that may be false
         kept = False
     if not kept:
-        return "no epoch had finished, so there is no checkpoint to resume from: start the run again"
+        return "no checkpoint had been written when it stopped, so there is none to resume from: start the run again"
     return (f"the checkpoint of the last finished epoch is kept: resume with: python train.py "
             f"hydra.run.dir={cfg.paths.output_dir} resume=true")
 

@@ -80,6 +80,16 @@ def check_group_overrides(args: list[str]) -> None:
                 raise UserError(f"unknown {group} {name!r}; available: {', '.join(options)}")
 
 
+def _grammar_hint(message: str) -> str:
+    """Hydra's parser refused an override: name it and say how to quote (its own words name only the lexer)."""
+    text = _one_line(message)
+    override = text.split(":", 1)[1].split(" ^", 1)[0].strip() if ":" in text else text
+    key = override.split("=", 1)[0]
+    return (f"{override} cannot be read as a Hydra override: quote a value with spaces, accents or other symbols, "
+            f"e.g. \"{key}=['héllo world']\" for a list or \"{key}='text'\" (outer quotes for the shell, inner "
+            "for Hydra)")
+
+
 def _one_line(message: str) -> str:
     """Hydra/OmegaConf messages span lines (and list full_key/object_type); keep the sentences."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
@@ -225,6 +235,8 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
                             f"'+{missing[1]}={value}'") from None
         if missing and "+" + missing[1] not in " ".join(overrides):
             raise _unknown_override(missing[1], list(first), config_name) from None
+        if "LexerNoViableAltException" in str(error) or "mismatched input" in str(error):
+            raise UserError(_grammar_hint(str(error))) from None
         raise UserError(_one_line(str(error))) from None
     finally:
         GlobalHydra.instance().clear()
