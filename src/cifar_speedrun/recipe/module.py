@@ -119,35 +119,43 @@ class SpeedrunModule(L.LightningModule):
                     run_config: dict[str, Any] | None = None, run: Any = None) -> SpeedrunModule:
         """The module a composed config describes: the one place config keys become its arguments.
 
-        `run` is the config as check_train typed it (train.py passes it, so what was checked is what is
-        used); without it the sections are read from `cfg` and checked here. `net` defaults to the
-        config's model; `optim`, `batch_size` and `epochs` replace the config's.
+        `run` is the config as config.settings.check_train typed it (train.py passes it, so what was
+        checked is what is used). Without it (tests, benchmarks) the sections are read from `cfg` and each
+        is checked once here: the optimizer and TTA sections by their own classes, the net by its family.
+        `net` defaults to the config's model; `optim`, `batch_size` and `epochs` replace the config's.
         """
         from omegaconf import OmegaConf
 
-        if run is None:
-            from cifar_speedrun.config.settings import check_train
+        def plain(node: Any) -> Any:
+            return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
-            run = check_train(cfg)
         if net is None:
-            from cifar_speedrun.recipe.models import build_from_settings
+            if run is not None:
+                from cifar_speedrun.recipe.models import build_from_settings
 
-            net = build_from_settings(run.model)
-        return cls(
-            net=net,
-            optim=run.optim if optim is None else (
-                OmegaConf.to_container(optim, resolve=True) if OmegaConf.is_config(optim) else optim),
-            batch_size=run.data.batch_size if batch_size is None else int(batch_size),
-            label_smoothing=run.loss.label_smoothing,
-            tta=run.tta,
-            compile=run.compile.enabled,
-            compile_mode=run.compile.mode,
-            channels_last=run.channels_last,
-            nan_check_every=run.nan_check_every,
-            step_mode=run.step.mode,
-            run_config=run_config,
-            epochs=run.epochs if epochs == "run" else epochs,
-        )
+                net = build_from_settings(run.model)
+            else:
+                from hydra.utils import instantiate
+
+                net = instantiate(cfg.model)
+        if run is not None:
+            sections = {"optim": run.optim, "batch_size": run.data.batch_size, "label_smoothing":
+                        run.loss.label_smoothing, "tta": run.tta, "compile": run.compile.enabled,
+                        "compile_mode": run.compile.mode, "channels_last": run.channels_last,
+                        "nan_check_every": run.nan_check_every, "step_mode": run.step.mode, "epochs": run.epochs}
+        else:
+            sections = {"optim": plain(cfg.optim), "batch_size": int(cfg.data.batch_size), "label_smoothing":
+                        float(cfg.loss.label_smoothing), "tta": plain(cfg.tta), "compile": bool(cfg.compile.enabled),
+                        "compile_mode": str(cfg.compile.mode), "channels_last": bool(cfg.channels_last),
+                        "nan_check_every": int(cfg.nan_check_every), "step_mode": str(cfg.step.mode),
+                        "epochs": float(cfg.epochs)}
+        if optim is not None:
+            sections["optim"] = plain(optim)
+        if batch_size is not None:
+            sections["batch_size"] = int(batch_size)
+        if epochs != "run":
+            sections["epochs"] = epochs
+        return cls(net=net, run_config=run_config, **sections)
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
