@@ -865,43 +865,87 @@ def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:
 
 
 # ================================================================ a record is this run's or it is not read
-def test_a_job_that_now_fails_is_counted_by_what_it_did_now_and_the_earlier_record_is_kept(tmp_path: Path,
-                                                                                           monkeypatch,
-                                                                                           capsys) -> None:
-    """A multirun into a sweep folder whose job folders hold an earlier run's results.json ("ok", 91%): the job
-    that now fails before training must count as failed, and the report must not see the old accuracy under
-    the new overrides. The earlier record is kept beside it, renamed."""
+def test_a_job_that_now_fails_is_counted_by_what_it_did_now_and_the_earlier_run_is_kept(tmp_path: Path,
+                                                                                        monkeypatch,
+                                                                                        capsys) -> None:
+    """A multirun into a sweep folder whose job folders hold an earlier run ("ok", 91%, a model.pt): the job that
+    now fails before training must count as failed, the report must not see the old accuracy under the new
+    overrides, and eval.py must not find the old model.pt there. The earlier run is kept, moved aside."""
     sweep = tmp_path / "sweep"
     earlier = {"status": "ok", "test_acc": 0.91, "started_at": "2026-01-02T03:04:05+00:00", "history": []}
     for job in ("0", "1"):
-        (sweep / job).mkdir(parents=True)
+        (sweep / job / "checkpoints").mkdir(parents=True)
         (sweep / job / "results.json").write_text(json.dumps(earlier))
+        (sweep / job / "model.pt").write_bytes(b"earlier weights")
+        (sweep / job / "checkpoints" / "last.ckpt").write_bytes(b"earlier checkpoint")
         os.utime(sweep / job / "results.json", (time.time() - 3600, time.time() - 3600))
     code, stderr = _main(["-m", *TINY, "seed=3,-1", f"hydra.sweep.dir={sweep}"], monkeypatch, capsys)
     assert code == 0, stderr[-2000:]
     from cifar_speedrun.records.multirun import job_outcomes
+    from cifar_speedrun.records.report import load_runs
 
     assert [(job, status) for job, status, _ in job_outcomes(sweep)] == [("0", "ok"), ("1", "failed")]
+    runs = load_runs(sweep)  # job 1's record (seed -1) is listed as unreadable, with its reason
+    assert len(runs) == 2 and 0.91 not in [run.test_acc for run in runs], "the set-aside runs are not read"
     for job, status in (("0", "ok"), ("1", "failed")):
         record = json.loads((sweep / job / "results.json").read_text())
         assert record["status"] == status and record["test_acc"] != 0.91
-        stale = list((sweep / job).glob("results.stale-*.json"))
-        assert [json.loads(p.read_text()) for p in stale] == [earlier], "the earlier record is kept, renamed"
-        assert stale[0].name == "results.stale-20260102T030405.json"
+        aside = sweep / job / "earlier-20260102T030405"
+        assert json.loads((aside / "results.json").read_text()) == earlier, "the earlier run is kept, moved aside"
+        assert (aside / "model.pt").read_bytes() == b"earlier weights"
+        assert (aside / "checkpoints" / "last.ckpt").read_bytes() == b"earlier checkpoint"
+    assert not (sweep / "1" / "model.pt").exists(), "no earlier model.pt beside the new failure"
     assert "seed=-1" in json.loads((sweep / "1" / "results.json").read_text())["error"]
 
 
-def test_a_resumed_run_keeps_the_record_it_continues(tmp_path: Path) -> None:
-    from cifar_speedrun.records.results import set_aside_earlier_record
+def test_a_resumed_run_keeps_the_run_it_continues(tmp_path: Path) -> None:
+    from cifar_speedrun.records.results import set_aside_earlier_run
 
     (tmp_path / "results.json").write_text('{"status": "interrupted"}')
-    assert set_aside_earlier_record(str(tmp_path), continuing=True) is None
+    assert set_aside_earlier_run(str(tmp_path), continuing=True) is None
     assert (tmp_path / "results.json").is_file()
-    first = set_aside_earlier_record(str(tmp_path), continuing=False)
+    first = set_aside_earlier_run(str(tmp_path), continuing=False)
     (tmp_path / "results.json").write_text("not json")  # unreadable: still an earlier run's, still kept
-    second = set_aside_earlier_record(str(tmp_path), continuing=False)
-    assert first != second and Path(first).is_file() and Path(second).read_text() == "not json"
-    assert not (tmp_path / "results.json").exists()
+    second = set_aside_earlier_run(str(tmp_path), continuing=False)
+    assert first != second and Path(first, "results.json").is_file()
+    assert Path(second, "results.json").read_text() == "not json" and not (tmp_path / "results.json").exists()
+
+
+def test_eval_into_a_training_runs_folder_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch,
+                                                                                capsys) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the training run's config\n")
+    (run / "results.json").write_text(json.dumps({"status": "ok", "test_acc": 0.9, "history": []}))
+    model_pt = tmp_path / "m.pt"
+    torch.save(_smoke_model_file(tmp_path), model_pt)
+    code, stderr = _eval_main([f"ckpt_path={model_pt}", f"hydra.run.dir={run}"], monkeypatch, capsys)
+    assert code == 2 and "holds a training run" in _one_error_line(stderr)
+    assert (run / ".hydra" / "config.yaml").read_text() == "the training run's config\n"
+    assert json.loads((run / "results.json").read_text())["test_acc"] == 0.9
+
+
+def test_the_report_writes_through_no_planted_link(tmp_path: Path) -> None:
+    from cifar_speedrun.records import report as report_lib
+
+    sweep = tmp_path / "sweep"
+    for job, seed in (("0", 0), ("1", 1)):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "results.json").write_text(json.dumps({
+            "status": "ok", "test_acc": 0.5 + seed / 10, "train_seconds": 3.0, "time_to_target": None,
+            "target_acc": 0.94, "seed": seed, "overrides": f"seed={seed}", "history": [
+                {"epoch": 1, "test_acc": 0.5, "train_seconds": 3.0, "train_loss": 1.0}],
+            "device": "cpu", "config": {"model": {"width": 0.125}}}))
+    victims = {}
+    for name in ("report.md", "report.csv", "report.png", "report-curves.png"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious")
+        (sweep / name).symlink_to(victim)
+        victims[name] = victim
+    assert report_lib.main([str(sweep)]) == 0
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious", name
+        assert not (sweep / name).is_symlink() or not (sweep / name).exists(), name
 
 
 def test_the_multirun_summary_does_not_count_a_record_older_than_the_multirun(tmp_path: Path) -> None:
@@ -914,3 +958,15 @@ def test_the_multirun_summary_does_not_count_a_record_older_than_the_multirun(tm
     (job / ".hydra" / "config.yaml").write_text("{}")
     [(_, status, error)] = job_outcomes(tmp_path, since=time.time() - 60)
     assert status != "ok" and "earlier run" in error
+
+
+def test_the_table_a_multirun_prints_holds_only_the_jobs_it_ran(tmp_path: Path) -> None:
+    from cifar_speedrun.records.multirun import table_lines
+
+    for job, seed in (("0", 0), ("1", 1), ("2", 2)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "results.json").write_text(json.dumps({
+            "status": "ok", "test_acc": 0.5, "train_seconds": 3.0, "time_to_target": None, "target_acc": 0.94,
+            "seed": seed, "overrides": f"seed={seed}", "history": [], "device": "cpu"}))
+    text = "\n".join(table_lines(tmp_path, ["2"]))
+    assert "1 run" in text and "3 runs" not in text, text

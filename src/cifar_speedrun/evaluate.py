@@ -208,10 +208,33 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _refuse_a_training_folder(folder: str) -> None:
+    path = storage.join(folder, "results.json")
+    try:
+        trained = storage.exists(path) and "history" in storage.read_json(path)
+    except Exception:
+        trained = False
+    if trained:
+        raise UserError(f"hydra.run.dir={folder} holds a training run (its results.json, model.pt, checkpoints): "
+                        "eval.py writes its own results.json, so give it another folder (or leave hydra.run.dir out)")
+
+
+def _set_aside_an_earlier_evaluation(folder: str) -> None:
+    """eval.py writes its own results.json: an earlier evaluation's is moved into `earlier-<time>/`; a training
+    run's folder is refused (its record, model.pt and checkpoints belong together and are not eval's to move)."""
+    from cifar_speedrun.records.results import set_aside_earlier_run
+
+    _refuse_a_training_folder(folder)
+    aside = set_aside_earlier_run(folder, continuing=False)
+    if aside is not None:
+        print(f"[eval] {folder} held an earlier evaluation: kept in {os.path.basename(aside)}/", flush=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     try:
         with run_lock.held({str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}):
+            _set_aside_an_earlier_evaluation(str(cfg.paths.output_dir))
             evaluate(cfg)
     except Exception as error:
         user_error = find_user_error(error)
@@ -258,7 +281,10 @@ def main() -> None:
             raise UserError("eval.py needs ckpt_path=<run>/checkpoints/last.ckpt (or <run>/model.pt)")
         command_line.check_arguments(args)
         command_line.check_group_overrides(args)
-        sys.argv[1:] = run_lock.pin_run_folder(args, command_line.check_composition(args, "eval"))
+        where = command_line.check_composition(args, "eval")
+        if where is not None and not where.multirun:  # before Hydra writes its .hydra/ over a training run's
+            _refuse_a_training_folder(where.folder)
+        sys.argv[1:] = run_lock.pin_run_folder(args, where)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -30,7 +30,7 @@ from cifar_speedrun.recipe.module import SpeedrunModule
 from cifar_speedrun.records import resume as resume_lib
 from cifar_speedrun.records import tracking
 from cifar_speedrun.records.csv_log import ResumableCSVLogger
-from cifar_speedrun.records.results import ResultsWriter, set_aside_earlier_record
+from cifar_speedrun.records.results import ResultsWriter, set_aside_earlier_run
 
 
 def _describe_data(cfg: DictConfig) -> str:
@@ -105,10 +105,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         writes_to[str(checkpointing.dirpath)] = "paths.checkpoint_dir"
     with run_lock.held(writes_to):  # a job of a multirun, train() called from Python, a shared checkpoint folder
         # Before anything can fail: from here on, the folder's results.json is this run's (or the one it continues).
-        aside = set_aside_earlier_record(str(cfg.paths.output_dir), continuing=_continues_this_folder(cfg))
+        aside = set_aside_earlier_run(str(cfg.paths.output_dir), continuing=_continues_this_folder(cfg))
         if aside is not None:
-            print(f"[run] {cfg.paths.output_dir} held an earlier run's results.json: kept as {os.path.basename(aside)}",
-                  flush=True)
+            print(f"[run] {cfg.paths.output_dir} held an earlier run: its results.json, model.pt and checkpoints "
+                  f"are kept in {os.path.basename(aside)}/", flush=True)
         run = command_line.validate(cfg)
         return _fit(cfg, run)
 

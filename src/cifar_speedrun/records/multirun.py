@@ -47,13 +47,14 @@ def summary_lines(sweep_dir: Path, outcomes: list[tuple[str, str, str | None]]) 
     return lines
 
 
-def table_lines(sweep_dir: Path) -> list[str]:
-    """The report's table of this multirun's folder, as report.md would hold it; a folder the report cannot
-    read gives its one-line reason instead (the summary above has already said what each job did)."""
+def table_lines(sweep_dir: Path, jobs: list[str]) -> list[str]:
+    """The report's table of the jobs this multirun ran (`jobs`, folders under `sweep_dir`: not an earlier
+    multirun's jobs in the same folder), as report.md would hold it; a folder the report cannot read gives
+    its one-line reason instead (the summary below says what each job did)."""
     from cifar_speedrun.records.report import ReportError, multirun_table
 
     try:
-        return multirun_table(sweep_dir).rstrip().splitlines()
+        return multirun_table(sweep_dir, [sweep_dir / job for job in jobs]).rstrip().splitlines()
     except ReportError as error:
         return [f"[multirun] no table: {error}"]
 
@@ -70,7 +71,8 @@ class MultirunSummary(Callback):
         if not sweep_dir.is_dir():
             return
         outcomes = job_outcomes(sweep_dir, self.started)
-        for line in [*(table_lines(sweep_dir) if outcomes else []), *summary_lines(sweep_dir, outcomes)]:
+        table = table_lines(sweep_dir, [job for job, _, _ in outcomes]) if outcomes else []
+        for line in [*table, *summary_lines(sweep_dir, outcomes)]:
             print(line, flush=True)
         if outcomes and all(status != "ok" for _, status, _ in outcomes):
             raise SystemExit(1)

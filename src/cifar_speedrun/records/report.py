@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from typing import Any
 from scipy import stats
 
 from cifar_speedrun.config.hydra_job import config_key
+from cifar_speedrun.operations import storage
 from cifar_speedrun.records.run_records import (
     CsvInputError,
     RecordError,
@@ -257,12 +260,32 @@ def _run_from_result(result: dict[str, Any], path: Path, job: int) -> Run:
                             history=history, epoch_train_loss=epoch_train_losses(path, history))
 
 
-def load_runs(multirun_dir: str | Path) -> list[Run]:
+def _save_figure(fig: Any, path: Path, **options: Any) -> None:
+    """A plot written to a new file renamed over `path`: a link planted at `path` is replaced, never written through
+    (a shared results folder may be reported by anyone who can read it)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight", **options)
+    storage.write_bytes_atomic(buffer.getvalue(), str(path))
+
+
+# Folders that hold records set aside, not runs of the multirun: an earlier run moved out of a reused folder
+# (records.results.SET_ASIDE_PREFIX, `earlier-<time>/`) and a search's trial folder moved aside before its
+# number is used again (`<n>.before-<k>`).
+_SET_ASIDE = re.compile(r"^earlier-|\.before-\d+$")
+
+
+def load_runs(multirun_dir: str | Path, jobs: Sequence[Path] | None = None) -> list[Run]:
+    """Every run recorded under `multirun_dir` (or only those in the job folders `jobs`); set-aside records skipped."""
     root = Path(multirun_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory: pass the multirun dir (logs/train/multiruns/<time>)")
     runs = []
+    wanted = None if jobs is None else {Path(job).resolve() for job in jobs}
     for path in sorted(root.rglob("results.json")):
+        if any(_SET_ASIDE.search(part) for part in path.relative_to(root).parts[:-1]):
+            continue
+        if wanted is not None and path.parent.resolve() not in wanted:
+            continue
         try:
             result = json.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError:
@@ -514,7 +537,7 @@ def plot(rows: list[Row], path: Path) -> tuple[float, float]:
     ax.set_title(title + ("\n" + textwrap.fill(f"Note: {caveat}.", 110) if caveat else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Title": title, "Description": caveat})
+    _save_figure(fig, path, metadata={"Title": title, "Description": caveat})
     limits = ax.get_ylim()
     plt.close(fig)
     return limits
@@ -598,7 +621,7 @@ def plot_curves(rows: list[Row], path: Path) -> list[tuple[int, str, int, bool]]
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=1)
     fig.suptitle("learning curves (bands: 95% CI over seeds; n = 1 has none)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _save_figure(fig, path)
     plt.close(fig)
     return drawn
 
@@ -689,7 +712,7 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
     prefix = output_prefix(sources, out)
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".md").write_text(text)
+        storage.write_bytes_atomic(text.encode(), str(prefix.with_suffix(".md")))
         write_csv(rows, prefix.with_suffix(".csv"))
         if any(row.n for row in rows):
             plot(rows, prefix.with_suffix(".png"))
@@ -710,14 +733,14 @@ def report(sources: str | Path | Sequence[str | Path], compare_pair: Sequence[st
     return text
 
 
-def multirun_table(sweep_dir: str | Path) -> str:
+def multirun_table(sweep_dir: str | Path, jobs: Sequence[Path] | None = None) -> str:
     """The report's text for one multirun folder (what report.md holds: the table, the resolution line,
     failed and still-running runs), written nowhere: for the end of a multirun to print beside its summary.
 
     Raises ReportError (one line, the fix in it) when the folder is missing or holds no results.json.
     """
     try:
-        runs = load_runs(sweep_dir)
+        runs = load_runs(sweep_dir, jobs)
     except FileNotFoundError as error:
         raise ReportError(str(error)) from None
     if not runs:

@@ -154,26 +154,41 @@ def code_version() -> str:
         return "unknown"
 
 
-def set_aside_earlier_record(output_dir: str, continuing: bool) -> str | None:
-    """A results.json an earlier run left in this run's folder, renamed `results.stale-<its time>.json`.
+# What a run leaves in its folder besides Hydra's own `.hydra/` (which the new run has already rewritten).
+RUN_OUTPUTS = ("results.json", "model.pt", "checkpoints", "csv", "tensorboard", "wandb")
+# Set-aside runs go to `earlier-<time>/` inside the folder; the report and the summaries skip those folders.
+SET_ASIDE_PREFIX = "earlier-"
 
-    Everything that reads a folder's results.json (the multirun summary, the report, the search) takes
-    it for the run that was last started there, so it must be this run's from the start: a job that
-    now fails before training would otherwise leave the earlier run's "ok" and accuracy standing under
-    its own overrides. Kept, not deleted: nothing written is lost. A run that continues the folder's
-    run (`continuing`: resume=true, or a checkpoint of this folder) keeps the record it continues.
-    Returns the new name, or None when nothing was set aside.
+
+def set_aside_earlier_run(output_dir: str, continuing: bool) -> str | None:
+    """What an earlier run left in this run's folder, moved into `earlier-<its start time>/` beside it.
+
+    Everything that reads a folder (the multirun summary, the report, the search, eval.py of its model.pt,
+    a resume of its last.ckpt) takes what is there for the run last started there, so it must be this
+    run's from the start: a job that now fails before training would otherwise leave the earlier run's
+    "ok", accuracy, model.pt and checkpoint standing under its own overrides. Kept, not deleted: nothing
+    written is lost. A run that continues the folder's run (`continuing`: resume=true, or a checkpoint of
+    this folder) keeps what it continues. Local folders only (a remote one is left as it is). Returns
+    the folder the earlier run went to, or None when there was none.
     """
-    path = storage.join(output_dir, "results.json")
-    if continuing or not storage.exists(path):
+    if continuing or not storage.is_local(output_dir) or not os.path.exists(os.path.join(output_dir, "results.json")):
         return None
     try:
-        started = storage.read_json(path).get("started_at")
+        started = storage.read_json(os.path.join(output_dir, "results.json")).get("started_at")
     except Exception:  # unreadable or not JSON: still an earlier run's, still kept
         started = None
     stamp = str(started or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     stamp = "".join(c for c in stamp if c.isalnum())[:15]  # 2026-01-02T03:04:05+00:00 -> 20260102T030405
-    return storage.move_aside(path, f"results.stale-{stamp}", ".json")
+    target = os.path.join(output_dir, f"{SET_ASIDE_PREFIX}{stamp}")
+    suffix = 1
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(output_dir, f"{SET_ASIDE_PREFIX}{stamp}-{suffix}")
+    os.makedirs(target)
+    for name in RUN_OUTPUTS:
+        if os.path.lexists(os.path.join(output_dir, name)):
+            os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
 
 
 class ResultsWriter(Callback):
