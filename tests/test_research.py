@@ -183,6 +183,10 @@ def test_a_trial_killed_mid_run_is_run_again_on_resume(tmp_path: Path, archive: 
     assert [entry["state"] for entry in summary["history"]] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert summary["history"][2]["rerun_of"] == 1 and summary["history"][2]["params"] == killed
     assert "1 interrupted and run again" in again.stdout
+    assert (sweep / "1.before-1" / ".hydra").is_dir() and not (sweep / "1").exists(), "the lost trial's folder aside"
+    from cifar_speedrun.records.report import load_runs
+
+    assert sorted(run.job for run in load_runs(sweep)) == [0, 2], "the report counts the rerun, not the lost trial"
 
 
 @pytest.mark.slow
@@ -212,6 +216,10 @@ def test_a_failing_trial_fails_even_where_an_older_record_says_ok(tmp_path: Path
     (['hydra.sweeper.params.data.cutout_size="int(4,12)"'], "is not searched yet"),
     (['+hydra.sweeper.params.optim.lrr="float(0.1,0.5)"'], "did you mean hydra.sweeper.params.optim.lr?"),
     (["seed=0,1"], "a search runs one job per trial"),
+    (['hydra.sweeper.params.optim.lr="float(nan, 1)"'], "low and high must be finite numbers"),
+    (['hydra.sweeper.params.optim.lr="float(1, inf)"'], "low and high must be finite numbers"),
+    (["hydra.sweeper.n_trials=abc"], "hydra.sweeper.n_trials=abc cannot be set: Value 'abc' of type 'str' could not "
+                                     "be converted to Integer"),
 ])
 def test_a_mistake_in_the_search_settings_is_one_line(tmp_path: Path, archive: str, cache_dir: str,
                                                       args: list[str], says: str) -> None:
@@ -245,7 +253,7 @@ def _writable_again(path: Path) -> None:
         path.chmod(0o644)
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "foreign", "read_only"])
+@pytest.mark.parametrize("kind", ["corrupt", "foreign", "read_only", "link"])
 def test_a_search_db_that_is_not_a_usable_study_is_refused_untouched(tmp_path: Path, archive: str,
                                                                      cache_dir: str, kind: str) -> None:
     import optuna
@@ -259,6 +267,10 @@ def test_a_search_db_that_is_not_a_usable_study_is_refused_untouched(tmp_path: P
         with sqlite3.connect(db) as connection:
             connection.execute("CREATE TABLE people (name TEXT)")
             connection.execute("INSERT INTO people VALUES ('ada')")
+    elif kind == "link":  # a link, even to a usable study, is refused by name: no search makes one
+        target = tmp_path / "elsewhere.db"
+        optuna.create_study(study_name="proxy", storage=f"sqlite:///{target}", direction="maximize")
+        db.symlink_to(target)
     else:
         optuna.create_study(study_name="proxy", storage=f"sqlite:///{db}", direction="maximize")
         _read_only(db)
@@ -270,7 +282,7 @@ def test_a_search_db_that_is_not_a_usable_study_is_refused_untouched(tmp_path: P
         if kind == "read_only":
             _writable_again(db)
     assert {"corrupt": "is not a readable search study", "foreign": "not a search's study (no Optuna tables",
-            "read_only": "cannot be written"}[kind] in error and str(db) in error, error
+            "read_only": "cannot be written", "link": "is a link"}[kind] in error and str(db) in error, error
     assert "hydra.sweep.dir" in error
     assert db.read_bytes() == before and not (sweep / "0").exists(), "refused before anything was written"
 
@@ -323,3 +335,18 @@ def test_learning_curves_are_drawn_for_ten_rows(tmp_path: Path) -> None:
     assert epochs == [1, 2] and means[1] == pytest.approx(0.505) and bands[1] > 0
     report_lib.plot_curves(rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_a_study_measured_on_other_data_is_another_configuration(compose_cfg, tmp_path: Path) -> None:
+    """data.path is where the data is (left out), but the data's content is part of what a trial measures: a
+    resume with another archive is refused like any other changed setting."""
+    from test_faults import _tiny_dataset
+
+    from hydra_plugins.cifar_speedrun_search import study as study_lib
+
+    cfg = compose_cfg("hparams_search=proxy", "data.source=image_folder", "data.val_split=500")
+    spec = study_lib.parse_search(cfg.hydra.sweeper)
+    here = study_lib.measured_configuration(cfg, spec)
+    cfg.data.path = str(_tiny_dataset(tmp_path / "other"))
+    there = study_lib.measured_configuration(cfg, spec)
+    assert study_lib.describe_difference(here, there).startswith("data (its content) image_folder-")

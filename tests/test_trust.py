@@ -521,8 +521,12 @@ def test_a_decompression_bomb_header_is_one_line(tmp_path: Path, monkeypatch, ca
     (["trainer.precision=16-mixed"], "trainer.precision=16-mixed is fp16 autocast, which needs CUDA"),
     (["tags=[héllo]"], "tags=[héllo] cannot be read as a Hydra override: quote a value"),
     (["tags=[paper,日本]"], "tags=[paper,日本] cannot be read as a Hydra override: quote a value"),
+    (["tags=['a'],tags=['c']"], "tags=['a'],tags=['c'] cannot be read as a Hydra override"),
+    ([f"tags=['{'x' * 65}']"], "must be text of at most 64 characters"),
+    (["tags=['']"], "tags[0]='' must be non-empty text"),
 ], ids=["top-level typo", "nested typo", "typo in data", "unquoted list", "recursive interpolation",
-        "missing interpolation", "fp16 on a CPU", "accent unquoted", "other script unquoted"])
+        "missing interpolation", "fp16 on a CPU", "accent unquoted", "other script unquoted",
+        "two overrides in one word", "tag over W&B's 64 characters", "empty tag"])
 def test_mistakes_are_one_line_with_the_fix(argv, message, tmp_path: Path, monkeypatch, capsys) -> None:
     code, stderr = _main([*TINY, *argv, f"hydra.run.dir={tmp_path}/run"], monkeypatch, capsys)
     assert code == 2 and message in _one_error_line(stderr)
@@ -828,7 +832,9 @@ def test_eval_arguments_that_cannot_run_are_one_line_and_leave_no_folder(argv, m
     ("checkpoints", ["hydra.run.dir={dir}"]),  # a folder link: every checkpoint would land in the victim's folder
     ("0/.hydra", ["-m", "seed=0,1", "hydra.sweep.dir={dir}"]),  # inside a multirun's job folder
     (".run.lock", ["hydra.run.dir={tmp}/elsewhere", "paths.output_dir={dir}"]),
-], ids=["lock file", "results.json", "metrics.csv", "checkpoint folder", "multirun job", "paths.output_dir"])
+    ("last.ckpt", ["hydra.run.dir={tmp}/elsewhere", "paths.checkpoint_dir={dir}"]),
+], ids=["lock file", "results.json", "metrics.csv", "checkpoint folder", "multirun job", "paths.output_dir",
+        "paths.checkpoint_dir"])
 def test_a_planted_link_in_a_run_folder_is_refused_and_its_target_untouched(link: str, argv: list[str],
                                                                             tmp_path: Path, monkeypatch,
                                                                             capsys) -> None:
@@ -848,6 +854,7 @@ def test_a_planted_link_in_a_run_folder_is_refused_and_its_target_untouched(link
     assert code == 2 and "holds a link no run makes" in line and f"{folder / link} -> {victim}" in line, line
     assert (sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()) == before
     assert not (folder / "results.json").exists() or (folder / "results.json").is_symlink(), "no record written there"
+    assert not (tmp_path / "elsewhere").exists(), "refused before Hydra wrote the run folder"
 
 
 def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:
@@ -858,7 +865,7 @@ def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / run_lock.LOCK_NAME).symlink_to(victim)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_lock, "_refuse_links", lambda *args: None)  # the race: the link appears after the scan
+        patch.setattr(run_lock, "refuse_links", lambda *args: None)  # the race: the link appears after the scan
         with pytest.raises(UserError):
             run_lock.try_lock(str(folder), "hydra.run.dir")
     assert victim.read_text() == "precious\n"

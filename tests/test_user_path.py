@@ -249,6 +249,8 @@ def test_debug_smoke_runs_apart_from_real_results(tmp_path: Path, archive: str, 
     assert "1 training batch of 512 and 1 evaluation batch" in run_line and "not the configured 10 epochs" in run_line
     done = next(line for line in fdr.stdout.splitlines() if line.startswith("[done]"))
     assert "ran without error" in done and "test acc" not in done, done
+    records = [json.loads(p.read_text()) for p in (tmp_path / "logs" / "debug" / "runs").glob("*/results.json")]
+    assert [r["test_acc"] for r in records if r["status"] == "debug"] == [None], "one batch: no accuracy to average"
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def _checkpoint_to_resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] |
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build from `cfg` and fit, holding the run folder's lock. Returns the results dict (also in results.json)."""
     checkpointing = (cfg.get("callbacks") or {}).get("checkpoint")
-    writes_to = {str(cfg.paths.output_dir): "paths.output_dir (hydra.run.dir)"}
+    writes_to = {str(cfg.paths.output_dir): "paths.output_dir"}
     if checkpointing is not None and checkpointing.get("dirpath") and not _inside(str(checkpointing.dirpath),
                                                                                   str(cfg.paths.output_dir)):
         writes_to[str(checkpointing.dirpath)] = "paths.checkpoint_dir"

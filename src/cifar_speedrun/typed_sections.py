@@ -84,6 +84,13 @@ def user_error(error: ValidationError, section: type[BaseModel], data: Any, pref
     if kind == "too_long":
         return UserError(f"{key}={value!r} must be a list of at most {first.get('ctx', {}).get('max_length')} items"
                          + (f"; {field.description}" if field is not None and field.description else ""))
+    if kind in ("string_too_short", "string_too_long"):
+        ctx = first.get("ctx", {})
+        what = ("non-empty text" if kind == "string_too_short" and ctx.get("min_length") == 1 else
+                f"text of at least {ctx.get('min_length')} characters" if kind == "string_too_short" else
+                f"text of at most {ctx.get('max_length')} characters")
+        hint = field.description if field is not None and field.description else ""
+        return UserError(f"{key}={value!r} must be {what}" + (f"; {hint}" if hint else ""))
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return UserError(f"{key}={value!r} must be a group of settings (key: value)")
     what = describe(field)

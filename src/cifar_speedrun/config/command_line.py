@@ -80,14 +80,37 @@ def check_group_overrides(args: list[str]) -> None:
                 raise UserError(f"unknown {group} {name!r}; available: {', '.join(options)}")
 
 
-def _grammar_hint(message: str) -> str:
-    """Hydra's parser refused an override: name it and say how to quote (its own words name only the lexer)."""
-    text = _one_line(message)
-    override = text.split(":", 1)[1].split(" ^", 1)[0].strip() if ":" in text else text
-    key = override.split("=", 1)[0]
-    return (f"{override} cannot be read as a Hydra override: quote a value with spaces, accents or other symbols, "
+def _refuse_links_in(cfg: DictConfig) -> None:
+    """paths.output_dir and the checkpoint folder hold no planted link (run_lock: no run makes one)."""
+    import os
+
+    from cifar_speedrun.operations.run_lock import refuse_links
+
+    for setting, key in (("paths.output_dir", "paths.output_dir"), ("paths.checkpoint_dir",
+                                                                    "callbacks.checkpoint.dirpath")):
+        folder = OmegaConf.select(cfg, key, default=None)
+        if isinstance(folder, str) and "://" not in folder and os.path.isdir(folder):
+            refuse_links(os.path.realpath(folder), folder, setting)
+
+
+def _grammar_hint(overrides: list[str], message: str) -> str:
+    """Hydra's parser refused an override: name it (the first that does not parse alone) and say how to quote."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    refused = None
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            refused = override
+            break
+    if refused is None:
+        return _one_line(message)
+    key = refused.split("=", 1)[0].lstrip("+~")
+    return (f"{refused} cannot be read as a Hydra override: quote a value with spaces, accents or other symbols, "
             f"e.g. \"{key}=['héllo world']\" for a list or \"{key}='text'\" (outer quotes for the shell, inner "
-            "for Hydra)")
+            "for Hydra); one key=value per word")
 
 
 def _one_line(message: str) -> str:
@@ -223,6 +246,8 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
         task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
         OmegaConf.to_container(task, resolve=True)  # every interpolation resolves (no loop, no missing key)
         _check_search(cfg, parsed, overrides, multirun)
+        if not multirun:  # the run's other folders, before Hydra writes anything into its run folder
+            _refuse_links_in(cfg)
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, RecursionError) as error:
@@ -236,7 +261,11 @@ def check_composition(args: list[str], config_name: str = "train") -> RunFolders
         if missing and "+" + missing[1] not in " ".join(overrides):
             raise _unknown_override(missing[1], list(first), config_name) from None
         if "LexerNoViableAltException" in str(error) or "mismatched input" in str(error):
-            raise UserError(_grammar_hint(str(error))) from None
+            raise UserError(_grammar_hint(overrides, str(error))) from None
+        if str(error).startswith("Error merging override") and error.__cause__ is not None:
+            override = str(error).removeprefix("Error merging override").strip()
+            cause = _one_line(str(error.__cause__))
+            raise UserError(f"{override} cannot be set: {cause}; give a value of that type") from None
         raise UserError(_one_line(str(error))) from None
     finally:
         GlobalHydra.instance().clear()

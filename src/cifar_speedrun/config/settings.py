@@ -248,7 +248,8 @@ class RunScalars(Section):
     task_name: str
     applied_tricks: dict[str, str]
     seed: int = Field(ge=0, le=MAX_SEED, description="any integer in [0, 2^32 - 1]")
-    tags: list[str]
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        description="W&B takes tags of 1 to 64 characters")
     cpu_mixed_precision: Literal["bf16-mixed", "32-true", "16-mixed"]
     epochs: float = Field(gt=0, description="e.g. epochs=24 (Page's baseline), 10 (his final), 9.9 (airbench)")
     target_acc: float = Field(ge=0, le=1)

@@ -137,7 +137,8 @@ def planted_link(folder: str) -> str | None:
     return None
 
 
-def _refuse_links(real: str, folder: str, setting: str) -> None:
+def refuse_links(real: str, folder: str, setting: str) -> None:
+    """A PlantedLink error naming the first link inside `real` (`folder` as the user gave it, chosen by `setting`)."""
     link = planted_link(real)
     if link is not None:
         try:
@@ -167,7 +168,7 @@ def try_lock(folder: str, setting: str) -> str | None:
     above = _held_elsewhere(real)  # before anything is made inside a folder in use
     if above is not None:
         return above
-    _refuse_links(real, folder, setting)
+    refuse_links(real, folder, setting)
     try:
         os.makedirs(real, exist_ok=True)
         descriptor = os.open(os.path.join(real, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)

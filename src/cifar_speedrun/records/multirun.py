@@ -39,7 +39,7 @@ def job_outcomes(sweep_dir: Path, since: float = 0.0) -> list[tuple[str, str, st
 
 
 def summary_lines(sweep_dir: Path, outcomes: list[tuple[str, str, str | None]]) -> list[str]:
-    failed = [(job, status, error) for job, status, error in outcomes if status != "ok"]
+    failed = [(job, status, error) for job, status, error in outcomes if status not in ("ok", "debug")]
     lines = [f"[multirun] {len(outcomes) - len(failed)} of {len(outcomes)} jobs ok"
              + (f", {len(failed)} of {len(outcomes)} jobs failed:" if failed else "")]
     lines += [f"  job {job}: {status}{f' ({error})' if error else ''}" for job, status, error in failed]
@@ -74,5 +74,5 @@ class MultirunSummary(Callback):
         table = table_lines(sweep_dir, [job for job, _, _ in outcomes]) if outcomes else []
         for line in [*table, *summary_lines(sweep_dir, outcomes)]:
             print(line, flush=True)
-        if outcomes and all(status != "ok" for _, status, _ in outcomes):
+        if outcomes and all(status not in ("ok", "debug") for _, status, _ in outcomes):
             raise SystemExit(1)

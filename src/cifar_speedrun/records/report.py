@@ -80,6 +80,7 @@ class Row:
     runs: list[Run] = field(default_factory=list)
     failed: list[Run] = field(default_factory=list)
     running: list[Run] = field(default_factory=list)  # not finished: in no mean, not a failure
+    debug: list[Run] = field(default_factory=list)  # debug=fdr: one batch, no accuracy; in no mean
 
     @property
     def accuracies(self) -> list[float]:
@@ -358,6 +359,8 @@ def group_runs(runs: list[Run]) -> list[Row]:
         row = rows.setdefault(run.config_key, Row(run.config_key))
         if run.status == "running":
             row.running.append(run)
+        elif run.status == "debug":
+            row.debug.append(run)
         elif run.status == "ok" and run.test_acc is not None:
             row.runs.append(run)
         else:
@@ -475,6 +478,10 @@ def markdown(rows: list[Row], runs: list[Run], source: str) -> str:
         text += ["", "## Failed runs", ""]
         text += [f"- job {run.job} ({run.config_key}, seed {run.seed}): {run.status}"
                  + (f": {run.error}" if run.error else "") for run in failed]
+    debug = [run for row in rows for run in row.debug]
+    if debug:
+        text += ["", "## Debug runs (debug=fdr: one batch, no accuracy; in no mean)", ""]
+        text += [f"- job {run.job} ({run.config_key}, seed {run.seed})" for run in debug]
     if running:
         text += ["", "## Still running", ""]
         text += [f"- job {run.job} ({run.config_key}, seed {run.seed}): running, "

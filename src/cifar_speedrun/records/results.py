@@ -218,7 +218,7 @@ class ResultsWriter(Callback):
         result = {
             "status": status,
             "error": error,
-            "test_acc": history[-1]["test_acc"] if history else None,
+            "test_acc": history[-1]["test_acc"] if history and not trainer.fast_dev_run else None,
             "val_acc": history[-1].get("val_acc") if history else None,
             "val_images": getattr(trainer.datamodule, "num_val_images", 0) if trainer.datamodule else 0,
             "train_seconds": timer.train_seconds if timer else None,
@@ -266,7 +266,8 @@ class ResultsWriter(Callback):
             self.record(trainer, pl_module, "running")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record(trainer, pl_module, "ok")
+        # debug=fdr (fast_dev_run) trains and evaluates one batch: it ran, but it has no accuracy to report
+        self.record(trainer, pl_module, "debug" if trainer.fast_dev_run else "ok")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from cifar_speedrun.errors import describe

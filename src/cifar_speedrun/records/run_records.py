@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cifar_speedrun.typed_sections import MAX_SEED, describe
 
 # What train.py and the report write as a run's status (results.py, train._record_failure, report._unreadable).
-STATUSES = ("ok", "running", "failed", "interrupted", "unreadable")
+STATUSES = ("ok", "running", "failed", "interrupted", "unreadable", "debug")
 
 
 class RunRecord(BaseModel):
@@ -39,7 +39,7 @@ class RunRecord(BaseModel):
 
     configuration: str = Field(description="the run's overrides except the seed")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the run's seed, a whole number such as 0")
-    status: Literal["ok", "running", "failed", "interrupted", "unreadable"]
+    status: Literal["ok", "running", "failed", "interrupted", "unreadable", "debug"]
     test_acc: float | None = Field(None, ge=0, le=1, description="a fraction of the test set: 0.94, not 94")
     train_seconds: float | None = Field(None, ge=0, description="seconds of training, as results.json has them")
     time_to_target: float | None = Field(None, ge=0, description="training seconds until target_acc was reached")

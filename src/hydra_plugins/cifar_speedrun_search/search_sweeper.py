@@ -142,6 +142,9 @@ class SearchSweeper(Sweeper):
                 lost = tally.lost[0]
                 study.enqueue_trial(lost.params, user_attrs={"rerun_of": lost.number})
                 log.warning(f"trial {lost.number} was not finished (stopped mid-trial): running it again")
+                # What the lost trial left (even a results.json written just before the kill) is not a
+                # trial of the study: aside, so the report does not count its parameters twice.
+                self._move_aside(sweep_dir / str(lost.number))
             elif not tally.waiting:  # a fresh trial: its own seed
                 study.sampler = optuna.samplers.TPESampler(
                     seed=trial_seed(spec.sampler_seed, len(study.get_trials(deepcopy=False))))

@@ -15,6 +15,7 @@ trials that measured different things into one "best", so it is refused, naming 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sqlite3
@@ -110,6 +111,8 @@ def distribution(key: str, spec: Any) -> Any:
         whole = "whole numbers" if kind == "int" else "numbers"
         raise UserError(f"{where}: low and high must be {whole}"
                         + (f" (for decimals write float({inner[0]}, {inner[1]}))" if kind == "int" else "")) from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UserError(f"{where}: low and high must be finite numbers, e.g. {kind}(0.01, 1.0)")
     if low > high:
         raise UserError(f"{where} is empty (low {inner[0]} > high {inner[1]}): give the lower bound first, "
                         f"{kind}({inner[1]}, {inner[0]}{', log' if log_scale else ''})")
@@ -187,6 +190,12 @@ def measured_configuration(cfg: DictConfig, spec: SearchSpec) -> dict[str, str]:
         measured[f"search {key}"] = distribution_to_json(dist)
     measured.update({"search objective": spec.objective, "search direction": spec.direction,
                      "search sampler_seed": str(spec.sampler_seed)})
+    # The data itself, by content (data.path is where it is, left out above): another archive is another study.
+    from cifar_speedrun.operations.sources import source_identity
+
+    source = OmegaConf.select(cfg, "data.source")
+    if source:
+        measured["data (its content)"] = source_identity(str(source), OmegaConf.select(cfg, "data.path"))
     return measured
 
 
@@ -224,10 +233,12 @@ class StoredStudy:
 def read_storage(db: Path) -> StoredStudy | None:
     """The study in `db`, read-only, or None when there is none yet; a file that is not a search's study
     (corrupt, another program's SQLite, unwritable) is refused before anything writes to it."""
-    if not db.exists():
-        return None
     where = f"{db}"
     fix = "move it away (or choose another hydra.sweep.dir) to start a new search there"
+    if db.is_symlink():  # no search makes one: a planted link would have the study written through it
+        raise UserError(f"{where} is a link ({db} -> {os.readlink(db)}), which no search makes: remove it, or {fix}")
+    if not db.exists():
+        return None
     if not db.is_file():
         raise UserError(f"{where} is not a file: {fix}")
     if not os.access(db, os.R_OK):
