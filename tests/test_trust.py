@@ -230,7 +230,7 @@ def test_a_run_shorter_than_its_averaging_says_the_average_never_started(swept_r
         updates.update({key: value for key, value in record.items() if key.endswith("_updates")})
     assert updates == {"ema_updates": 0, "lookahead_updates": 0}, updates
     averaged = [json.loads((run / "results.json").read_text()) for run in swept_runs["averaging"]]
-    assert all(r.get("ema_updates", 1) > 0 and r.get("lookahead_updates", 1) > 0 for r in averaged)
+    assert [r["ema_updates"] > 0 for r in averaged if "ema_updates" in r] == [True], "3 epochs: EMA started"
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Before anything can fail: from here on, the folder's results.json is this run's (or the one it continues).
         aside = set_aside_earlier_run(str(cfg.paths.output_dir), continuing=_continues_this_folder(cfg))
         if aside is not None:
-            print(f"[run] {cfg.paths.output_dir} held an earlier run: its results.json, model.pt and checkpoints "
+            print(f"[folder] {cfg.paths.output_dir} held an earlier run: its results.json, model.pt and checkpoints "
                   f"are kept in {os.path.basename(aside)}/", flush=True)
         run = command_line.validate(cfg)
         return _fit(cfg, run)
@@ -199,7 +199,7 @@ def _say_if_epochs_replace_a_rows(cfg: DictConfig) -> None:
         choice = hydra_job.choices().get(group)
         own = epochs_set_by(group, choice) if choice else None
         if own is not None and own != float(cfg.epochs):
-            print(f"[run] epochs={float(cfg.epochs):g} from the command line replaces the {own:g} epochs {group}="
+            print(f"[epochs] epochs={float(cfg.epochs):g} from the command line replaces the {own:g} epochs {group}="
                   f"{choice} trains (its schedule follows the new length)", flush=True)
             return
 
