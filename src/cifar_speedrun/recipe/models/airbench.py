@@ -22,19 +22,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cifar_speedrun.recipe.models.base import (
-    ActivationKeys,
-    DiracInitKeys,
-    HeadKeys,
-    ModelFamily,
-    ModelSettings,
-    NormKeys,
-    WhiteningKeys,
-)
+from cifar_speedrun.recipe.models import base
+from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
 from cifar_speedrun.recipe.models.layers import Scale, dirac_init_
 
 
-class AirbenchSettings(ModelSettings, ActivationKeys, HeadKeys, DiracInitKeys, NormKeys, WhiteningKeys):
+class AirbenchSettings(ModelSettings, base.ActivationKeys, base.HeadKeys, base.DiracInitKeys, base.NormKeys,
+                       base.WhiteningKeys):
     widths: list[Annotated[int, Field(ge=1)]] = Field(
         min_length=1, max_length=4, description="each block halves the image: 31 px allows 4 (airbench: 3)")
     # null: logits divided by the feature count (airbench94_muon's `head(x) / x.size(-1)`).

@@ -20,22 +20,16 @@ from typing import Any
 
 from torch import nn
 
-from cifar_speedrun.recipe.models.base import (
-    ActivationKeys,
-    DiracInitKeys,
-    HeadKeys,
-    ModelFamily,
-    ModelSettings,
-    NormKeys,
-    WhiteningKeys,
-)
+from cifar_speedrun.recipe.models import base
+from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
 from cifar_speedrun.recipe.models.layers import ConvBlock, Residual, Scale, dirac_init_
 
 # Page part 4, final DavidNet: channel widths of prep, layer1, layer2, layer3.
 BASE_CHANNELS = (64, 128, 256, 512)
 
 
-class DavidNetSettings(ModelSettings, ActivationKeys, HeadKeys, DiracInitKeys, NormKeys, WhiteningKeys):
+class DavidNetSettings(ModelSettings, base.ActivationKeys, base.HeadKeys, base.DiracInitKeys, base.NormKeys,
+                       base.WhiteningKeys):
     pool_before_norm: bool
 
 

@@ -25,15 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_speedrun.recipe.models.base import (
-    ActivationKeys,
-    DiracInitKeys,
-    HeadKeys,
-    ModelFamily,
-    ModelSettings,
-    NormKeys,
-    WhiteningKeys,
-)
+from cifar_speedrun.recipe.models import base
+from cifar_speedrun.recipe.models.base import ModelFamily, ModelSettings
 from cifar_speedrun.recipe.models.layers import ConvBlock, Scale, dirac_init_
 
 # He et al. 2016, section 4.1 / kuangliu's ResNet18: widths of the four stages, two blocks each.
@@ -57,7 +50,8 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
-class ResNet18Settings(ModelSettings, ActivationKeys, HeadKeys, DiracInitKeys, NormKeys, WhiteningKeys):
+class ResNet18Settings(ModelSettings, base.ActivationKeys, base.HeadKeys, base.DiracInitKeys, base.NormKeys,
+                       base.WhiteningKeys):
     """Only the shared keys: the net itself is fixed (He et al.)."""
 
 
