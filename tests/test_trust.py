@@ -977,3 +977,20 @@ def test_the_table_a_multirun_prints_holds_only_the_jobs_it_ran(tmp_path: Path) 
             "seed": seed, "overrides": f"seed={seed}", "history": [], "device": "cpu"}))
     text = "\n".join(table_lines(tmp_path, ["2"]))
     assert "1 run" in text and "3 runs" not in text, text
+
+
+def test_an_eval_multirun_into_a_training_sweep_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch,
+                                                                                       capsys) -> None:
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (sweep / "multirun.yaml").write_text("the training multirun\n")
+    (sweep / "0" / "results.json").write_text(json.dumps({"status": "ok", "test_acc": 0.9, "history": []}))
+    model_pt = tmp_path / "m.pt"
+    torch.save(_smoke_model_file(tmp_path), model_pt)
+    code, stderr = _eval_main(["-m", f"ckpt_path={model_pt},{model_pt}", f"hydra.sweep.dir={sweep}"], monkeypatch,
+                              capsys)
+    assert code == 2 and "holds a training run" in _one_error_line(stderr)
+    assert (sweep / "0" / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
+    assert (sweep / "multirun.yaml").read_text() == "the training multirun\n"
+    assert sorted(p.name for p in (sweep / "0").iterdir()) == [".hydra", "results.json"]

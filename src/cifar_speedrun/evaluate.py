@@ -208,15 +208,18 @@ def evaluate(cfg: DictConfig, given: set[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _refuse_a_training_folder(folder: str) -> None:
+def _refuse_a_training_folder(folder: str, setting: str = "hydra.run.dir", shown: str | None = None) -> None:
+    """A folder (or, for a sweep, one of its job folders) that holds a training run is not eval.py's to write."""
     path = storage.join(folder, "results.json")
     try:
         trained = storage.exists(path) and "history" in storage.read_json(path)
     except Exception:
         trained = False
     if trained:
-        raise UserError(f"hydra.run.dir={folder} holds a training run (its results.json, model.pt, checkpoints): "
-                        "eval.py writes its own results.json, so give it another folder (or leave hydra.run.dir out)")
+        inside = f" ({folder})" if shown is not None else ""
+        raise UserError(f"{setting}={shown or folder} holds a training run{inside} (its results.json, model.pt, "
+                        f"checkpoints): eval.py writes its own results.json, so give it another folder (or leave "
+                        f"{setting} out)")
 
 
 def _set_aside_an_earlier_evaluation(folder: str) -> None:
@@ -282,8 +285,13 @@ def main() -> None:
         command_line.check_arguments(args)
         command_line.check_group_overrides(args)
         where = command_line.check_composition(args, "eval")
-        if where is not None and not where.multirun:  # before Hydra writes its .hydra/ over a training run's
-            _refuse_a_training_folder(where.folder)
+        if where is not None:  # before Hydra writes its .hydra/ (and a sweep's multirun.yaml) over a training run's
+            _refuse_a_training_folder(where.folder, "hydra.sweep.dir" if where.multirun else "hydra.run.dir")
+            if where.multirun and os.path.isdir(where.folder):
+                for job in sorted(os.listdir(where.folder)):
+                    if os.path.isdir(os.path.join(where.folder, job)):
+                        _refuse_a_training_folder(os.path.join(where.folder, job), "hydra.sweep.dir",
+                                                  shown=where.folder)
         sys.argv[1:] = run_lock.pin_run_folder(args, where)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
