@@ -994,3 +994,14 @@ def test_an_eval_multirun_into_a_training_sweep_is_refused_before_anything_is_wr
     assert (sweep / "0" / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
     assert (sweep / "multirun.yaml").read_text() == "the training multirun\n"
     assert sorted(p.name for p in (sweep / "0").iterdir()) == [".hydra", "results.json"]
+
+
+def test_resume_of_a_run_that_left_no_checkpoint_says_so_not_its_old_error(tmp_path: Path, monkeypatch,
+                                                                          capsys) -> None:
+    """A folder whose last run failed its own config check: a resume says there is nothing to continue."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(f"- tags=['{'x' * 80}']\n")
+    code, stderr = _main(["hydra.run.dir=" + str(run), "resume=true"], monkeypatch, capsys)
+    line = _one_error_line(stderr)
+    assert code == 2 and f"there is no {run}/checkpoints/last.ckpt" in line and "64 characters" not in line, line

@@ -67,6 +67,13 @@ def resume_arguments(args: list[str]) -> list[str]:
                         "to resume it") from None
     saved_keys = {_key(o): o for o in saved}
     given = [o for o in overrides if _key(o) not in ("resume", "hydra.run.dir")]
+    elsewhere = {"paths.checkpoint_dir", "callbacks.checkpoint.dirpath", "ckpt_path"}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not elsewhere & ({_key(o) for o in saved} | {_key(o) for o in given}) and not last.exists():
+        # Said before the saved settings are composed: a run that failed its own config check would
+        # otherwise answer a resume with that old error instead of what is true now.
+        raise UserError(f"resume=true but there is no {last}: the run in {run_dir} left no checkpoint to continue "
+                        "(it failed or stopped before its first); start it again without resume=true")
     kept, changed = [], []
     for override in given:
         key = _key(override)
