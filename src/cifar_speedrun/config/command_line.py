@@ -6,6 +6,7 @@ any GPU time is spent.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_speedrun.conf_files import CONF_DIR
 from cifar_speedrun.errors import UserError
-from cifar_speedrun.operations.run_lock import RunFolders
+from cifar_speedrun.operations import storage
+from cifar_speedrun.operations.run_lock import RunFolders, refuse_links
 
 if TYPE_CHECKING:
     from cifar_speedrun.config.settings import TrainSettings
@@ -82,14 +84,10 @@ def check_group_overrides(args: list[str]) -> None:
 
 def _refuse_links_in(cfg: DictConfig) -> None:
     """paths.output_dir and the checkpoint folder hold no planted link (run_lock: no run makes one)."""
-    import os
-
-    from cifar_speedrun.operations.run_lock import refuse_links
-
     for setting, key in (("paths.output_dir", "paths.output_dir"), ("paths.checkpoint_dir",
                                                                     "callbacks.checkpoint.dirpath")):
         folder = OmegaConf.select(cfg, key, default=None)
-        if isinstance(folder, str) and "://" not in folder and os.path.isdir(folder):
+        if isinstance(folder, str) and storage.is_local(folder) and os.path.isdir(folder):
             refuse_links(os.path.realpath(folder), folder, setting)
 
 

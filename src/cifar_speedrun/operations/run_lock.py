@@ -138,7 +138,7 @@ def planted_link(folder: str) -> str | None:
 
 
 def refuse_links(real: str, folder: str, setting: str) -> None:
-    """A PlantedLink error naming the first link inside `real` (`folder` as the user gave it, chosen by `setting`)."""
+    """Raise PlantedLink naming the first link inside `real` (`folder` as the user gave it, chosen by `setting`)."""
     link = planted_link(real)
     if link is not None:
         try:
@@ -146,7 +146,7 @@ def refuse_links(real: str, folder: str, setting: str) -> None:
         except OSError:
             target = "?"
         raise PlantedLink(f"{setting}={folder} holds a link no run makes: {link} -> {target}; remove it (a run "
-                        "writes only files it creates, never through a link) or choose another folder")
+                          "writes only files it creates, never through a link) or choose another folder")
 
 
 def try_lock(folder: str, setting: str) -> str | None:

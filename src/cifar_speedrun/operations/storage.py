@@ -121,22 +121,6 @@ def exists(path: str) -> bool:
     return fs.exists(inner)
 
 
-def move_aside(path: str, stem: str, suffix: str) -> str:
-    """Rename `path` to `<stem><suffix>` beside it (`<stem>-2<suffix>`, ... if taken); the new path."""
-    folder = os.path.dirname(path.rstrip("/")) if is_local(path) else path.rstrip("/").rsplit("/", 1)[0]
-    for attempt in range(1, 1000):
-        target = join(folder, f"{stem}{'' if attempt == 1 else f'-{attempt}'}{suffix}")
-        if exists(target):
-            continue
-        if is_local(path):
-            os.rename(_local(path), _local(target))
-        else:
-            fs, inner = fsspec.core.url_to_fs(path)
-            fs.mv(inner, fsspec.core.url_to_fs(target)[1])
-        return target
-    raise UserError(f"{folder} holds a thousand set-aside copies of {os.path.basename(path)}: clean it up")
-
-
 def makedirs(path: str) -> None:
     if is_local(path):
         os.makedirs(_local(path), exist_ok=True)
