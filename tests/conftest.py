@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import preloaded_python
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -233,12 +234,13 @@ def compose_cfg(tmp_path: Path, archive: str, cache_dir: str) -> Callable[..., D
 
 def run_train(args: list[str], cwd: Path, cache_dir: str, archive: str, timeout: int = 900,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python train.py args` in a subprocess, as a user runs it."""
+    """`python train.py args` as a user runs it, in its own process (forked from one that has imported torch
+    and Lightning already: tests/preloaded_python.py)."""
     full_env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir,
                 "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
+    return preloaded_python.run(
         [sys.executable, str(REPO / "train.py"), *args, f"paths.log_dir={cwd}/logs", "hydra.job.chdir=false"],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=full_env, timeout=timeout,
     )
 
 

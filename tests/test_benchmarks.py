@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO
@@ -17,7 +18,7 @@ from cifar_speedrun.operations.layout import CIFAR10_CLASSES
 
 def _run(args: list[str], archive: str, cache_dir: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return preloaded_python.run([sys.executable, *args], cwd=REPO, env=env, timeout=900)
 
 
 @pytest.mark.slow

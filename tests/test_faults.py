@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import preloaded_python
 import pytest
 from conftest import REPO, TINY, run_train
 from hydra.core.global_hydra import GlobalHydra
@@ -166,9 +167,9 @@ def test_a_foreign_pickle_through_train_and_eval_is_one_line(tmp_path: Path, arc
     trained = run_train([*TINY, f"ckpt_path={path}", f"hydra.run.dir={tmp_path}/run"], tmp_path, cache_dir, archive)
     assert trained.returncode == 2 and "not a readable checkpoint" in _one_error_line(trained.stderr)
     env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir}
-    evaluated = subprocess.run([sys.executable, str(REPO / "eval.py"), f"ckpt_path={path}", "data.source=image_folder",
-                                f"hydra.run.dir={tmp_path}/eval"], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)
+    evaluated = preloaded_python.run([sys.executable, str(REPO / "eval.py"), f"ckpt_path={path}",
+                                      "data.source=image_folder", f"hydra.run.dir={tmp_path}/eval"], cwd=tmp_path,
+                                     env=env, timeout=300)
     assert evaluated.returncode == 2 and "not a checkpoint or model file" in _one_error_line(evaluated.stderr)
     assert not marker.exists()
     assert "weights_only=False" not in trained.stderr + evaluated.stderr
@@ -180,7 +181,8 @@ def test_files_follow_the_users_umask(tmp_path: Path) -> None:
               "storage.save_tensors_atomic({'x': 1}, sys.argv[1] + '.pt')")
     for mask, mode in (("002", 0o664), ("022", 0o644), ("077", 0o600)):
         target = tmp_path / f"results-{mask}.json"
-        subprocess.run([sys.executable, "-c", script, str(target), mask], check=True, timeout=120)
+        done = preloaded_python.run([sys.executable, "-c", script, str(target), mask], cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
         assert target.stat().st_mode & 0o777 == mode, (mask, oct(target.stat().st_mode))
         assert Path(f"{target}.pt").stat().st_mode & 0o777 == mode
 

@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO, TINY, run_train
@@ -51,8 +52,8 @@ def _eval_process(args: list[str], cwd: Path, cache_dir: str) -> subprocess.Comp
     """eval.py as a user runs it, with no CIFAR10_ARCHIVE: the data must come from the checkpoint."""
     env = {key: value for key, value in os.environ.items() if key != "CIFAR10_ARCHIVE"}
     env.update(CIFAR_SPEEDRUN_CACHE=cache_dir, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / "eval.py"), *args, f"paths.log_dir={cwd}/logs"], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=900)
+    return preloaded_python.run([sys.executable, str(REPO / "eval.py"), *args, f"paths.log_dir={cwd}/logs"], cwd=cwd,
+                                env=env, timeout=900)
 
 
 # ================================================================ a file from someone else runs no code

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO, TINY, run_train
@@ -154,9 +155,8 @@ def test_start_and_end_lines_say_what_ran(trained_run) -> None:
 # ---------------------------------------------------------------- eval and the model file
 def _eval(args: list[str], cwd: Path, archive: str, cache_dir: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CIFAR10_ARCHIVE": archive, "CIFAR_SPEEDRUN_CACHE": cache_dir}
-    return subprocess.run([sys.executable, str(REPO / "eval.py"), "data.source=image_folder", *args,
-                           f"paths.log_dir={cwd}/logs"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return preloaded_python.run([sys.executable, str(REPO / "eval.py"), "data.source=image_folder", *args,
+                                 f"paths.log_dir={cwd}/logs"], cwd=cwd, env=env, timeout=600)
 
 
 @pytest.mark.slow
