@@ -12,8 +12,9 @@ from hydra.utils import instantiate
 from cifar_speedrun.config.command_line import validate
 from cifar_speedrun.recipe.schedule import resolve_knots
 
-# Measured on this repo's CPU (2 cores), lossy JPEG CIFAR-10, width 0.25, 10,000-image subset,
-# 3 epochs with the schedule 0 -> 1 at epoch 1 -> 0 at epoch 3: 45.3% test accuracy (seed 0).
+# Measured on this repo's CPU (2 cores), lossy JPEG CIFAR-10 (q75), width 0.125 (the CPU proxy's), 10,000-image
+# subset, 3 epochs with the schedule 0 -> 1 at epoch 1 -> 0 at epoch 3: 44.59% / 43.82% test accuracy (seeds 0 / 1);
+# width 0.25 gave 45.3% (seed 0) at about 4x the CPU time.
 LEARNING_THRESHOLD = 0.30  # chance is 0.10
 
 
@@ -37,9 +38,9 @@ def test_config_instantiates(compose_cfg) -> None:
 
 @pytest.mark.slow
 def test_train_learns_and_writes_results(tmp_path: Path, archive: str, cache_dir: str) -> None:
-    """The issue's proxy run: width 0.25, 10,000 real images, 3 epochs on CPU."""
+    """A short run that must learn: the CPU proxy's width, 10,000 real images, 3 epochs, the full test set."""
     result = run_train(
-        ["trainer=cpu", "data.source=image_folder", "model.width=0.25", "data.subset=10000", "epochs=3",
+        ["trainer=cpu", "data.source=image_folder", "model.width=0.125", "data.subset=10000", "epochs=3",
          "optim.schedule.epochs=[0,1,3]", "trainer.check_val_every_n_epoch=3", "trainer.enable_progress_bar=false",
          "hydra.run.dir=" + str(tmp_path / "run")],
         tmp_path, cache_dir, archive,
@@ -49,7 +50,7 @@ def test_train_learns_and_writes_results(tmp_path: Path, archive: str, cache_dir
     assert results["status"] == "ok" and results["epochs"] == 3 and results["seed"] == 0
     assert results["test_acc"] > LEARNING_THRESHOLD, results["test_acc"]
     assert results["train_seconds"] > 0 and results["device"].startswith("cpu")
-    assert results["config"]["model"]["width"] == 0.25 and results["versions"]["lightning"]
+    assert results["config"]["model"]["width"] == 0.125 and results["versions"]["lightning"]
     assert "image_folder" in results["data_source"] and results["git_commit"]
     assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
     print(f"learning check: test acc {results['test_acc']:.4f} in {results['train_seconds']:.1f}s")
