@@ -10,6 +10,7 @@ died (`remove_stale`). Files get the permissions of the user's umask, like any f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -23,7 +24,6 @@ from typing import Any
 
 import fsspec
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from cifar_speedrun.errors import UserError
 
@@ -119,6 +119,17 @@ def exists(path: str) -> bool:
         return os.path.exists(_local(path))
     fs, inner = fsspec.core.url_to_fs(path)
     return fs.exists(inner)
+
+
+def remove(path: str) -> None:
+    """Remove a file if it is there (Lightning's checkpoint I/O removes old top-k checkpoints through this)."""
+    if is_local(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_local(path))
+        return
+    fs, inner = fsspec.core.url_to_fs(path)
+    if fs.exists(inner):
+        fs.rm(inner)
 
 
 def makedirs(path: str) -> None:
@@ -301,30 +312,3 @@ def check_writable(directory: str, setting: str) -> None:
         reason = os_error_reason(error, directory) if is_local(directory) else None
         reason = reason or error.strerror or str(error) or type(error).__name__
         raise UserError(f"cannot use {setting}={directory}: {reason}; choose another folder") from None
-
-
-class AtomicCheckpointIO(CheckpointIO):
-    """Lightning's checkpoint I/O, written atomically beside the target and read as data only.
-
-    Lightning's default writes through fsspec, whose local temporary file lives in $TMPDIR: on a
-    cluster that is often another filesystem, where the final move is a copy over `last.ckpt`, so a
-    kill or a full disk mid-copy leaves a torn file and the previous good one is gone. Here the bytes
-    go to a temporary file in the checkpoint's own folder, fsync'ed, then os.replace'd.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes_atomic(buffer.getvalue(), str(path))
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(str(path))
-
-    def remove_checkpoint(self, path: Any) -> None:
-        if is_local(str(path)):
-            if os.path.exists(_local(str(path))):
-                os.remove(_local(str(path)))
-            return
-        fs, inner = fsspec.core.url_to_fs(str(path))
-        if fs.exists(inner):
-            fs.rm(inner)
