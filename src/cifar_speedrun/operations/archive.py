@@ -46,15 +46,20 @@ MAX_NAME_BYTES = 255
 SPLITS = ("train", "test")
 
 
-def _outside(name: str, target: Path) -> bool:
+def _outside(name: str) -> bool:
+    """A member name that would land outside the extraction folder: absolute, a drive, or climbing out with `..`.
+
+    Decided on the name alone (normalized, as the path it names): no link is ever extracted (links are
+    refused before anything is written), so no folder inside the target can lead elsewhere, and the
+    60,000 names of CIFAR-10 are checked without a filesystem call each."""
     if not name or PurePosixPath(name).is_absolute() or os.path.isabs(name) or ":" in PurePosixPath(name).parts[0]:
         return True
-    resolved = (target / name).resolve()
-    return resolved != target.resolve() and target.resolve() not in resolved.parents
+    normal = os.path.normpath(name)
+    return normal == os.pardir or normal.startswith(os.pardir + os.sep)
 
 
-def unsafe_tar_member(member: tarfile.TarInfo, target: Path) -> str | None:
-    """Why `member` must not be extracted into `target`, or None when it is a plain file or folder inside."""
+def unsafe_tar_member(member: tarfile.TarInfo) -> str | None:
+    """Why `member` must not be extracted, or None when it is a plain file or folder inside the target."""
     if member.issym() or member.islnk():
         return f"a link ({member.name} -> {member.linkname})"
     if member.ischr() or member.isblk():
@@ -63,18 +68,18 @@ def unsafe_tar_member(member: tarfile.TarInfo, target: Path) -> str | None:
         return "a FIFO"
     if not (member.isreg() or member.isdir()):
         return "not a regular file or folder"
-    if _outside(member.name, target):
+    if _outside(member.name):
         return "a path outside the extraction folder"
     return None
 
 
-def unsafe_zip_member(info: zipfile.ZipInfo, target: Path) -> str | None:
+def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "a link"
     if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # zips often carry no file type
         return "not a regular file or folder"
-    if _outside(info.filename, target):
+    if _outside(info.filename):
         return "a path outside the extraction folder"
     return None
 
@@ -171,7 +176,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
             with zipfile.ZipFile(archive) as bundle:
                 chosen = []
                 for info in bundle.infolist():
-                    reason = unsafe_zip_member(info, target)
+                    reason = unsafe_zip_member(info)
                     if reason:
                         raise UserError(f"refusing to extract {archive}: member {info.filename!r} is {reason}; "
                                         "an image dataset holds only folders and image files")
@@ -184,7 +189,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
         with tarfile.open(archive) as bundle:  # tarfile detects gzip/bz2/xz itself
             members = []
             for member in bundle:
-                reason = unsafe_tar_member(member, target)
+                reason = unsafe_tar_member(member)
                 if reason:
                     raise UserError(f"refusing to extract {archive}: member {member.name!r} is {reason}; "
                                     "an image dataset holds only folders and image files")
