@@ -23,6 +23,7 @@ import atexit
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +138,8 @@ class PreloadedPython:
             self._server.kill()
             self._server.wait()
         self._server = None
+        if self._address:
+            shutil.rmtree(Path(self._address).parent, ignore_errors=True)
 
     def serves(self, command: list[str], env: dict[str, str]) -> bool:
         """This Python's command, in an environment that agrees with the server's in what is read at start
