@@ -49,6 +49,7 @@ if _WORKERS and "OMP_NUM_THREADS" not in os.environ:
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(max(1, _CORES // _WORKERS))
     torch.set_num_threads(max(1, _CORES // _WORKERS))
+preloaded_python.CLIENT.use_environment(dict(os.environ))  # the session's environment, as the commands get it
 
 
 # ---------------------------------------------------------------- pytest-xdist: groups and order

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import preloaded_python
@@ -18,11 +19,19 @@ print(json.dumps({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "n
                   "marker": os.environ.get("PROBE_MARKER"), "stdin": sys.stdin.read(),
                   "project_loaded": any(name.startswith("cifar_speedrun") for name in sys.modules)}))
 print("to stderr", file=sys.stderr)
+print("carriage\\rreturns\\r\\n", end="")  # subprocess.run(text=True) turns both into newlines
+print(oct(os.umask(0)))
 code = sys.argv[1]
 if code == "raise":
     raise ValueError("raised by the probe")
 sys.exit(int(code))
 """
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _both(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], ...]:
@@ -46,6 +55,7 @@ def test_a_script_sees_what_a_fresh_python_gives_it(tmp_path: Path, code: str) -
     assert preloaded.stdout == fresh.stdout  # argv, sys.path[0], folder, __main__, environment, empty stdin
     assert '"project_loaded": false' in preloaded.stdout  # the project's modules are imported fresh by each command
     assert preloaded.stderr.startswith("to stderr\n")
+    assert "carriage\nreturns\n" in preloaded.stdout and oct(_umask()) in preloaded.stdout
     if code == "raise":  # Python's own report of an uncaught exception, ending as a fresh process's does
         assert fresh.stderr.splitlines()[-1] == preloaded.stderr.splitlines()[-1] == "ValueError: raised by the probe"
 
@@ -64,7 +74,7 @@ def test_what_is_read_at_start_sends_a_command_to_a_real_process(tmp_path: Path)
     assert client.serves(command, dict(os.environ))
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     for key, value in (("OMP_NUM_THREADS", str(int(threads) + 1)), ("PYTHONPATH", str(tmp_path)),
-                       ("PYTHONHASHSEED", "7")):
+                       ("PYTHONHASHSEED", "7"), ("LOCAL_RANK", "1"), ("TMPDIR", str(tmp_path)), ("TZ", "Asia/Tokyo")):
         assert not client.serves(command, {**os.environ, key: value}), key
     assert not client.serves(["/bin/true"], dict(os.environ))
     with pytest.raises(ValueError, match="runs as a real process"):
@@ -73,9 +83,22 @@ def test_what_is_read_at_start_sends_a_command_to_a_real_process(tmp_path: Path)
 
 def test_a_command_past_its_timeout_is_killed_and_says_so(tmp_path: Path) -> None:
     script = tmp_path / "sleeps.py"
-    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\n"
+                      "print('started', flush=True)\ntime.sleep(60)\n")
     client = preloaded_python.CLIENT
-    with pytest.raises(subprocess.TimeoutExpired):
-        client.run([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ), timeout=1)
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
+        client.run([sys.executable, str(script), str(tmp_path / "pid")], cwd=tmp_path, env=dict(os.environ), timeout=3)
+    assert timed_out.value.output == "started\n", "what it wrote comes with the error, as from subprocess.run"
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped by the server, its parent
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
     again = client.run([sys.executable, "-c", "print('next')"], cwd=tmp_path, env=dict(os.environ), timeout=60)
     assert (again.returncode, again.stdout) == (0, "next\n")  # the server serves the next command
+
+
+def test_a_missing_script_is_one_line_and_exit_2_as_from_python(tmp_path: Path) -> None:
+    fresh, preloaded = _both([sys.executable, "no-such-script.py"], tmp_path, dict(os.environ))
+    assert (preloaded.returncode, preloaded.stdout, preloaded.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert preloaded.returncode == 2

@@ -149,7 +149,7 @@ def test_start_and_end_lines_say_what_ran(trained_run) -> None:
                    f"results: {run_dir / 'results.json'}"]
     output = result.stdout + result.stderr
     assert "💡" not in output and "LeafSpec" not in output and "GPU available" not in output
-    assert "\r" not in output, "no progress bar in a log file"
+    assert "it/s" not in output and "Epoch 0:" not in output, "no progress bar in a log file"
 
 
 # ---------------------------------------------------------------- eval and the model file
